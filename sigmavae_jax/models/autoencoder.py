@@ -1,0 +1,220 @@
+"""Encoder, Decoder and AutoencoderKL (LDM layout, NHWC, Flax NNX).
+
+Parameter paths mirror the LDM checkpoint keys: `encoder/down/0/block/1/conv2/kernel` is
+`encoder.down.0.block.1.conv2.weight`; `decoder/up/0` is the full-resolution level.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sigmavae_jax.config import ModelConfig
+from sigmavae_jax.models import latent
+from sigmavae_jax.models.layers import (
+    AttnBlock,
+    Downsample,
+    GroupNorm,
+    ResnetBlock,
+    Upsample,
+    conv,
+)
+
+
+class MidBlock(nnx.Module):
+    """block_1 -> attn_1 -> block_2 at the lowest resolution."""
+
+    def __init__(self, channels: int, *, attention: bool, groups: int, dtype, rngs: nnx.Rngs):
+        self.block_1 = ResnetBlock(channels, channels, groups=groups, dtype=dtype, rngs=rngs)
+        self.attn_1 = (
+            AttnBlock(channels, groups=groups, dtype=dtype, rngs=rngs) if attention else None
+        )
+        self.block_2 = ResnetBlock(channels, channels, groups=groups, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.block_1(x)
+        if self.attn_1 is not None:
+            x = self.attn_1(x)
+        return self.block_2(x)
+
+
+class Level(nnx.Module):
+    """One resolution: `block` (a list of ResnetBlocks), then an optional resampler."""
+
+    def __init__(self, blocks: list[ResnetBlock], downsample=None, upsample=None):
+        self.block = nnx.List(blocks)
+        self.downsample = downsample
+        self.upsample = upsample
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for block in self.block:
+            x = block(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+class Encoder(nnx.Module):
+    """(B, H, W, in_channels) in [-1, 1] -> moments (B, H/f, W/f, 2z)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        groups = cfg.norm_groups
+        self.conv_in = conv(cfg.in_channels, cfg.ch, 3, dtype=dtype, rngs=rngs)
+        levels = []
+        block_in = cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            block_out = cfg.ch * mult
+            blocks = []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(block_in, block_out, groups=groups, dtype=dtype, rngs=rngs))
+                block_in = block_out
+            last = i == len(cfg.ch_mult) - 1
+            down = None if last else Downsample(block_in, dtype=dtype, rngs=rngs)
+            levels.append(Level(blocks, downsample=down))
+        self.down = nnx.List(levels)
+        self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, rngs=rngs)
+        self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
+        self.conv_out = conv(block_in, 2 * cfg.z_channels, 3, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(nnx.silu(self.norm_out(h)))
+
+
+class Decoder(nnx.Module):
+    """(B, h, w, z) latent -> (B, h*f, w*f, out_channels) image (no tanh)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        groups = cfg.norm_groups
+        block_in = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = conv(cfg.z_channels, block_in, 3, dtype=dtype, rngs=rngs)
+        self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, rngs=rngs)
+        levels = {}
+        for i in reversed(range(len(cfg.ch_mult))):
+            block_out = cfg.ch * cfg.ch_mult[i]
+            blocks = []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out, groups=groups, dtype=dtype, rngs=rngs))
+                block_in = block_out
+            up = Upsample(block_in, dtype=dtype, rngs=rngs) if i != 0 else None
+            levels[i] = Level(blocks, upsample=up)
+        # up[0] is the full-resolution level, as in LDM checkpoints; it runs last.
+        self.up = nnx.List([levels[i] for i in range(len(cfg.ch_mult))])
+        self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
+        self.conv_out = conv(block_in, cfg.out_channels, 3, dtype=dtype, rngs=rngs)
+
+    def features(self, z: jax.Array) -> jax.Array:
+        """Everything up to conv_out: its input (B, H, W, ch * ch_mult[0])."""
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return nnx.silu(self.norm_out(h))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.conv_out(self.features(z))
+
+
+class AutoencoderKL(nnx.Module):
+    """The LDM KL autoencoder with the posterior, latent norm and Sigma-VAE noise of `cfg`.
+
+    Images are NHWC floats in [-1, 1]; latents are NHWC and unscaled (see `scale`).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
+        self.decoder = Decoder(cfg, dtype=dtype, rngs=rngs)
+        z2 = 2 * cfg.z_channels
+        self.quant_conv = conv(z2, z2, 1, dtype=dtype, rngs=rngs) if cfg.use_quant_conv else None
+        self.post_quant_conv = (
+            conv(cfg.z_channels, cfg.z_channels, 1, dtype=dtype, rngs=rngs)
+            if cfg.use_post_quant_conv
+            else None
+        )
+
+    def check_image_shape(self, shape: tuple[int, ...]) -> None:
+        """Raises ValueError unless `shape` is (B, H, W, in_channels) with H, W multiples of
+        the model's spatial factor."""
+        cfg = self.cfg
+        if len(shape) != 4:
+            raise ValueError(f"images must be NHWC (batch, height, width, channels); got shape {shape}")
+        if shape[-1] != cfg.in_channels:
+            hint = (
+                " (this looks like NCHW: transpose with x.transpose(0, 2, 3, 1))"
+                if shape[1] == cfg.in_channels
+                else ""
+            )
+            raise ValueError(
+                f"images must have {cfg.in_channels} channels last; got shape {shape}{hint}"
+            )
+        m = cfg.spatial_multiple
+        if shape[1] % m or shape[2] % m:
+            raise ValueError(
+                f"image height and width must be multiples of {m} for this model; got "
+                f"{shape[1]}x{shape[2]}. Pad or crop to e.g. "
+                f"{-(-shape[1] // m) * m}x{-(-shape[2] // m) * m}"
+            )
+
+    def posterior(self, x: jax.Array) -> latent.Posterior:
+        """Image (B, H, W, C) -> the posterior over latents (B, H/f, W/f, z)."""
+        self.check_image_shape(x.shape)
+        moments = self.encoder(x.astype(self.dtype))
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = latent.split_moments(moments.astype(jnp.float32))
+        if self.cfg.latent_norm == "patch_layernorm":
+            mean = latent.patch_layer_norm(mean, self.cfg.latent_norm_patch, self.cfg.latent_norm_eps)
+        return latent.Posterior(mean, logvar, self.cfg.posterior == "deterministic")
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """Image -> the posterior mode (diffusers' `latent_dist.mode()`), float32, unscaled."""
+        return self.posterior(x).mode()
+
+    def decode_features(self, z: jax.Array) -> jax.Array:
+        """Latent -> the decoder's activations that feed conv_out (for the adaptive GAN weight)."""
+        z = z.astype(self.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder.features(z)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Latent (B, h, w, z), unscaled -> image (B, h*f, w*f, C), float32."""
+        if z.ndim != 4 or z.shape[-1] != self.cfg.z_channels:
+            raise ValueError(
+                f"latents must be NHWC with {self.cfg.z_channels} channels; got shape {z.shape}"
+            )
+        return self.decoder.conv_out(self.decode_features(z)).astype(jnp.float32)
+
+    def __call__(
+        self, x: jax.Array, *, key: jax.Array | None = None, train: bool = False
+    ) -> tuple[jax.Array, latent.Posterior]:
+        """Reconstruction forward. With `train=True` (needs `key`), the latent is sampled
+        from the posterior (if `cfg.sample_posterior`) and Sigma-VAE noise is added; with
+        `train=False` it is the posterior mode and nothing is random.
+
+        Returns (x_hat (B, H, W, C) float32, posterior).
+        """
+        posterior = self.posterior(x)
+        z = posterior.mode()
+        if train:
+            if key is None:
+                raise ValueError("the training forward (train=True) needs a PRNG `key`")
+            sample_key, noise_key = jax.random.split(key)
+            if self.cfg.sample_posterior:
+                z = posterior.sample(sample_key)
+            noise = self.cfg.noise
+            z = latent.add_sigma_noise(z, noise_key, noise.distribution, noise.strength)
+        return self.decode(z), posterior
+
+    def scale(self, z: jax.Array) -> jax.Array:
+        return latent.scale_latent(z, self.cfg.scaling_factor, self.cfg.shift_factor)
+
+    def unscale(self, z: jax.Array) -> jax.Array:
+        return latent.unscale_latent(z, self.cfg.scaling_factor, self.cfg.shift_factor)

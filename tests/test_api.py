@@ -1,0 +1,90 @@
+"""sigmavae_jax.load: jit-compiled encode/decode, pure functions for a user's jit, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sigmavae_jax
+from conftest import images
+from sigmavae_jax import api, checkpoint
+from sigmavae_jax.config import Config
+
+
+@pytest.fixture
+def export(tiny_cfg, tmp_path):
+    model = api.build_model(tiny_cfg, seed=3)
+    params = api.params_of(model)
+    path = checkpoint.save_params(tmp_path / "export", params, Config(model=tiny_cfg), source="test")
+    return path, model
+
+
+def test_load_round_trips_the_model(export):
+    path, model = export
+    codec = sigmavae_jax.load(path)
+    x = jnp.asarray(images((2, 32, 48, 3)))
+    with jax.default_matmul_precision("highest"):
+        z = codec.encode(x)
+        np.testing.assert_allclose(np.asarray(z), np.asarray(model.encode(x)), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(codec.decode(z)), np.asarray(model.decode(z)), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(codec.reconstruct(x)), np.asarray(codec.decode(z)), atol=1e-5)
+    assert z.shape == (2, 8, 12, 4) and codec.model_config == model.cfg
+
+
+def test_pure_functions_inside_a_user_jit(export):
+    codec = sigmavae_jax.load(export[0])
+
+    @jax.jit
+    def user_step(params, x):
+        z = codec.scale(codec.encode_fn(params, x))  # what a diffusion model would see
+        return codec.decode_fn(params, codec.unscale(z)), z
+
+    x = jnp.asarray(images((1, 16, 16, 3)))
+    x_hat, z = user_step(codec.params, x)
+    np.testing.assert_allclose(np.asarray(x_hat), np.asarray(codec.reconstruct(x)), atol=1e-5)
+    # gradients flow through the pure functions
+    grads = jax.grad(lambda p: jnp.mean(codec.reconstruct_fn(p, x) ** 2))(codec.params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_bfloat16_compute_is_close_to_float32(export):
+    f32 = sigmavae_jax.load(export[0])
+    bf16 = sigmavae_jax.load(export[0], dtype="bfloat16")
+    x = jnp.asarray(images((1, 32, 32, 3)))
+    ref, got = np.asarray(f32.reconstruct(x)), np.asarray(bf16.reconstruct(x))
+    assert got.dtype == np.float32
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
+    with pytest.raises(ValueError, match="dtype 'float16' unknown"):
+        sigmavae_jax.load(export[0], dtype="float16")
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((1, 30, 32, 3), "multiples of 4.*32x32"),
+        ((1, 3, 32, 32), "looks like NCHW"),
+        ((32, 32, 3), "NHWC"),
+    ],
+)
+def test_bad_image_shapes_are_explained(export, shape, message):
+    codec = sigmavae_jax.load(export[0])
+    with pytest.raises(ValueError, match=message):
+        codec.encode(jnp.zeros(shape))
+
+
+def test_missing_export_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="convert_torch_weights.py"):
+        sigmavae_jax.load(tmp_path)
+
+
+def test_save_refuses_to_overwrite(export, tiny_cfg):
+    with pytest.raises(FileExistsError, match="not empty"):
+        checkpoint.save_params(export[0], {}, Config(model=tiny_cfg))
+
+
+def test_params_that_do_not_fit_are_listed(tiny_cfg):
+    params = api.params_of(api.build_model(tiny_cfg))
+    params["decoder"]["conv_out"]["kernel"] = np.zeros((3, 3, 32, 4), np.float32)
+    del params["quant_conv"]
+    with pytest.raises(ValueError, match=r"(?s)2 missing.*quant_conv/bias.*mis-shaped.*decoder/conv_out/kernel got \(3, 3, 32, 4\), expected \(3, 3, 32, 3\)"):
+        api.build_model(tiny_cfg, params)

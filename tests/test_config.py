@@ -1,0 +1,45 @@
+"""Config loading, overrides and the errors users see."""
+
+import pytest
+
+from sigmavae_jax.config import CONFIG_DIR, ConfigError, load_config
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    assert load_config(name).model.ch > 0
+
+
+def test_reference_configs_have_the_design_values():
+    flux, sdxl, nextstep = load_config("flux").model, load_config("sdxl").model, load_config("nextstep1_f8c16").model
+    assert (flux.z_channels, flux.use_quant_conv, flux.scaling_factor, flux.shift_factor) == (16, False, 0.3611, 0.1159)
+    assert (sdxl.z_channels, sdxl.use_quant_conv, sdxl.scaling_factor) == (4, True, 0.13025)
+    assert (nextstep.posterior, nextstep.latent_norm, nextstep.noise.distribution) == ("deterministic", "patch_layernorm", "uniform")
+    assert flux.downsample_factor == 8 and nextstep.spatial_multiple == 16
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["model.z_channels=8", "model.ch_mult=[1,2]", "model.noise.strength=0.3"])
+    assert cfg.model.z_channels == 8 and cfg.model.ch_mult == (1, 2) and cfg.model.noise.strength == 0.3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.z_chanels=8", "model.z_chanels: unknown key"),
+        ("model.z_channels=-1", "model.z_channels"),
+        ("model.posterior=laplace", "model.posterior"),
+        ("model.norm_groups=7", "norm_groups=7 must divide"),
+        ("model.scaling_factor=0", "non-zero"),
+        ("model.noise.distribution=cauchy", "model.noise.distribution"),
+        ("model", "not of the form"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_unknown_config_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="nextstep1_f8c16"):
+        load_config("no_such_config")
