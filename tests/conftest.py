@@ -1,9 +1,27 @@
-"""Shared test fixtures: tiny model configs and deterministic inputs."""
+"""Shared test fixtures: tiny model configs and deterministic inputs.
 
-import numpy as np
-import pytest
+Every test process sees 8 simulated CPU devices (set before jax is imported), so the
+multi-device tests run beside the rest; single-device code keeps using device 0.
+"""
 
-from sigmavae_jax.config import ModelConfig
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+).strip()
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Tests compile the same functions more than once (fresh closures, several tests): a
+# session-wide persistent cache turns the repeats into cache hits.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sigmavae_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+import pytest  # noqa: E402
+
+from sigmavae_jax.config import ModelConfig  # noqa: E402
 
 
 @pytest.fixture

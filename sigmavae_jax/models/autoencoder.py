@@ -39,17 +39,23 @@ class MidBlock(nnx.Module):
         return self.block_2(x)
 
 
+def _apply(module: nnx.Module, x: jax.Array) -> jax.Array:
+    return module(x)
+
+
 class Level(nnx.Module):
     """One resolution: `block` (a list of ResnetBlocks), then an optional resampler."""
 
-    def __init__(self, blocks: list[ResnetBlock], downsample=None, upsample=None):
+    def __init__(self, blocks: list[ResnetBlock], downsample=None, upsample=None, remat: bool = False):
         self.block = nnx.List(blocks)
         self.downsample = downsample
         self.upsample = upsample
+        self.remat = remat
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for block in self.block:
-            x = block(x)
+            # remat: keep only block inputs for the backward pass, recompute the rest
+            x = nnx.remat(_apply)(block, x) if self.remat else block(x)
         if self.downsample is not None:
             x = self.downsample(x)
         if self.upsample is not None:
@@ -60,7 +66,7 @@ class Level(nnx.Module):
 class Encoder(nnx.Module):
     """(B, H, W, in_channels) in [-1, 1] -> moments (B, H/f, W/f, 2z)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, remat: bool = False):
         groups = cfg.norm_groups
         self.conv_in = conv(cfg.in_channels, cfg.ch, 3, dtype=dtype, rngs=rngs)
         levels = []
@@ -73,7 +79,7 @@ class Encoder(nnx.Module):
                 block_in = block_out
             last = i == len(cfg.ch_mult) - 1
             down = None if last else Downsample(block_in, dtype=dtype, rngs=rngs)
-            levels.append(Level(blocks, downsample=down))
+            levels.append(Level(blocks, downsample=down, remat=remat))
         self.down = nnx.List(levels)
         self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, rngs=rngs)
         self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
@@ -90,7 +96,7 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """(B, h, w, z) latent -> (B, h*f, w*f, out_channels) image (no tanh)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, remat: bool = False):
         groups = cfg.norm_groups
         block_in = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = conv(cfg.z_channels, block_in, 3, dtype=dtype, rngs=rngs)
@@ -103,7 +109,7 @@ class Decoder(nnx.Module):
                 blocks.append(ResnetBlock(block_in, block_out, groups=groups, dtype=dtype, rngs=rngs))
                 block_in = block_out
             up = Upsample(block_in, dtype=dtype, rngs=rngs) if i != 0 else None
-            levels[i] = Level(blocks, upsample=up)
+            levels[i] = Level(blocks, upsample=up, remat=remat)
         # up[0] is the full-resolution level, as in LDM checkpoints; it runs last.
         self.up = nnx.List([levels[i] for i in range(len(cfg.ch_mult))])
         self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
@@ -124,13 +130,15 @@ class AutoencoderKL(nnx.Module):
     """The LDM KL autoencoder with the posterior, latent norm and Sigma-VAE noise of `cfg`.
 
     Images are NHWC floats in [-1, 1]; latents are NHWC and unscaled (see `scale`).
+    `dtype` is the compute dtype (parameters stay float32); `remat` recomputes ResnetBlock
+    activations in the backward pass to save memory at high resolution.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
-        self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
-        self.decoder = Decoder(cfg, dtype=dtype, rngs=rngs)
+        self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs, remat=remat)
+        self.decoder = Decoder(cfg, dtype=dtype, rngs=rngs, remat=remat)
         z2 = 2 * cfg.z_channels
         self.quant_conv = conv(z2, z2, 1, dtype=dtype, rngs=rngs) if cfg.use_quant_conv else None
         self.post_quant_conv = (
@@ -202,16 +210,19 @@ class AutoencoderKL(nnx.Module):
         Returns (x_hat (B, H, W, C) float32, posterior).
         """
         posterior = self.posterior(x)
-        z = posterior.mode()
-        if train:
-            if key is None:
-                raise ValueError("the training forward (train=True) needs a PRNG `key`")
-            sample_key, noise_key = jax.random.split(key)
-            if self.cfg.sample_posterior:
-                z = posterior.sample(sample_key)
-            noise = self.cfg.noise
-            z = latent.add_sigma_noise(z, noise_key, noise.distribution, noise.strength)
-        return self.decode(z), posterior
+        if not train:
+            return self.decode(posterior.mode()), posterior
+        if key is None:
+            raise ValueError("the training forward (train=True) needs a PRNG `key`")
+        return self.decode(self.training_latent(posterior, key)), posterior
+
+    def training_latent(self, posterior: latent.Posterior, key: jax.Array) -> jax.Array:
+        """The latent the decoder sees in training: a posterior sample (if
+        `cfg.sample_posterior`, else the mode) plus Sigma-VAE noise."""
+        sample_key, noise_key = jax.random.split(key)
+        z = posterior.sample(sample_key) if self.cfg.sample_posterior else posterior.mode()
+        noise = self.cfg.noise
+        return latent.add_sigma_noise(z, noise_key, noise.distribution, noise.strength)
 
     def scale(self, z: jax.Array) -> jax.Array:
         return latent.scale_latent(z, self.cfg.scaling_factor, self.cfg.shift_factor)

@@ -1,0 +1,69 @@
+"""Device mesh (data, fsdp), the shardings of batches and parameters, and global batches
+assembled from per-process arrays. Knows nothing of models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both axes
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all). data=-1: all devices / fsdp."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if fsdp <= 0 or n % fsdp:
+        raise ValueError(f"mesh_fsdp={fsdp} must be a positive divisor of the {n} devices")
+    if data == -1:
+        data = n // fsdp
+    if data <= 0 or data * fsdp != n:
+        raise ValueError(
+            f"mesh_data={data} x mesh_fsdp={fsdp} must equal the {n} devices; set mesh_data=-1 to fill"
+        )
+    return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over every device of the mesh."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh) -> None:
+    if global_batch % mesh.size:
+        raise ValueError(
+            f"global batch size {global_batch} must be a multiple of the {mesh.size} devices; "
+            f"use train.batch_size={max(mesh.size, global_batch // mesh.size * mesh.size)}"
+        )
+
+
+def param_sharding(mesh: Mesh, shape: tuple[int, ...], min_size: int) -> NamedSharding:
+    """Replicated, unless the fsdp axis has several devices and the array has at least
+    `min_size` elements: then its largest dimension divisible by the fsdp size is split."""
+    fsdp = mesh.shape["fsdp"]
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return replicated(mesh)
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+
+def tree_shardings(mesh: Mesh, tree: Any, min_size: int) -> Any:
+    """Shardings for every array leaf of `tree` (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(lambda leaf: param_sharding(mesh, tuple(leaf.shape), min_size), tree)
+
+
+def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """This process's rows of the batch -> one global array sharded over the mesh."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local)

@@ -1,0 +1,59 @@
+"""PatchGAN discriminator against a torch NLayerDiscriminator built here from torch.nn."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from conftest import images
+from sigmavae_jax.config import DiscriminatorConfig
+from sigmavae_jax.models.discriminator import NLayerDiscriminator
+
+
+def torch_patchgan(ndf, n_layers):
+    layers = [torch.nn.Conv2d(3, ndf, 4, 2, 1), torch.nn.LeakyReLU(0.2)]
+    mult = 1
+    for n in range(1, n_layers + 1):
+        prev, mult = mult, min(2**n, 8)
+        stride = 2 if n < n_layers else 1
+        layers += [torch.nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), torch.nn.BatchNorm2d(ndf * mult), torch.nn.LeakyReLU(0.2)]
+    layers.append(torch.nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+    return torch.nn.Sequential(*layers)
+
+
+def test_matches_torch_in_train_mode_with_global_batch_statistics():
+    cfg = DiscriminatorConfig(ndf=8, n_layers=3)
+    disc = NLayerDiscriminator(cfg, rngs=nnx.Rngs(0))
+    net = torch_patchgan(8, 3).train()
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in net if isinstance(m, torch.nn.BatchNorm2d)]
+    ours = [disc.conv_in, *disc.convs, disc.conv_out]
+    with torch.no_grad():
+        for theirs, mine in zip(convs, ours):
+            theirs.weight.copy_(torch.from_numpy(np.array(mine.kernel[...]).transpose(3, 2, 0, 1)))
+            if theirs.bias is not None:
+                theirs.bias.copy_(torch.from_numpy(np.array(mine.bias[...])))
+        for theirs, mine in zip(norms, disc.norms):
+            theirs.weight.copy_(torch.from_numpy(np.array(mine.scale[...])))
+            theirs.bias.copy_(torch.from_numpy(np.array(mine.bias[...])))
+    x = images((4, 64, 48, 3))
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(disc(jnp.asarray(x)))
+    want = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+    assert got.shape == want.shape == (4, 6, 4, 1)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # running statistics move as torch's do (momentum 0.1); torch keeps the unbiased
+    # variance, a relative difference of 1/(n-1) that the tolerance covers
+    for theirs, mine in zip(norms, disc.norms):
+        np.testing.assert_allclose(np.asarray(mine.mean[...]), theirs.running_mean.numpy(), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(mine.var[...]), theirs.running_var.numpy(), rtol=1e-4)
+
+
+def test_reference_init():
+    disc = NLayerDiscriminator(DiscriminatorConfig(ndf=64, n_layers=3), rngs=nnx.Rngs(1))
+    kernel = np.asarray(disc.convs[1].kernel[...])
+    scale = np.concatenate([np.asarray(n.scale[...]) for n in disc.norms])
+    np.testing.assert_allclose(kernel.std(), 0.02, rtol=0.05)
+    np.testing.assert_allclose(scale.mean(), 1.0, atol=0.005)
+    np.testing.assert_allclose(scale.std(), 0.02, rtol=0.2)
