@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	@echo "make demo arrives with the training issue (train.py on configs/tiny.yaml)." && exit 1
+	$(BIN)/python -m sigmavae_jax.demo $(ARGS)
+
+bench: setup
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf $(VENV)

@@ -1,11 +1,18 @@
-"""Orbax checkpoints. For now: the params-only export that the converter writes and
-`sigmavae_jax.load`, `train.py --init` and `eval.py` read.
+"""Orbax checkpoints: the training checkpointer and the params-only export.
+
+Training checkpoints: one CheckpointManager in `workdir/checkpoints`, a directory per step:
+    <step>/state/    the train state (any pytree of arrays; typed PRNG keys as their uint32 data)
+    <step>/data/     the data-iterator state (JSON)
+    <step>/config/   the config (JSON, `config.to_dict`)
+Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
+save cut short (preemption, crash) is never taken for a checkpoint.
 
 A params export is a directory:
     params/       an Orbax (StandardCheckpointer) pytree of arrays
     config.yaml   the full config (usable as `--config`)
     export.json   what wrote it and from what
-The checkpointer knows nothing of models: params are a nested dict of arrays.
+The checkpointer knows nothing of models: the train state is a generic pytree and params are
+a nested dict of arrays.
 """
 
 from __future__ import annotations
@@ -15,13 +22,21 @@ import pathlib
 import time
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
+from jax.experimental import multihost_utils
 
-from sigmavae_jax.config import Config, from_dict, to_dict
+from sigmavae_jax.config import CheckpointConfig, Config, from_dict, to_dict
 
 PARAMS_DIR, CONFIG_FILE, EXPORT_FILE = "params", "config.yaml", "export.json"
 FORMAT = "sigmavae_jax.params/1"
+CHECKPOINTS_DIR = "checkpoints"
+STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
+_MAX_LISTED = 10  # entries per category in a mismatch error
+
+PyTree = Any
 
 
 def is_params_export(path: str | pathlib.Path) -> bool:
@@ -35,17 +50,23 @@ def save_params(
     """Writes `params` (nested dict of arrays) and `config` to the directory `path`.
 
     Refuses to overwrite an existing non-empty directory, so nothing is lost by a typo.
+    On several processes every process calls this; process 0 writes the small files.
     """
     path = pathlib.Path(path).resolve()
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
+    if jax.process_count() > 1:  # all processes checked before any of them writes
+        multihost_utils.sync_global_devices(f"save_params:{path}")
     path.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / PARAMS_DIR, _string_keys(params))
     checkpointer.wait_until_finished()
-    (path / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    info = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **export_info}
-    (path / EXPORT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    if jax.process_index() == 0:
+        (path / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        info = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **export_info}
+        (path / EXPORT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_params done:{path}")
     return path
 
 
@@ -73,3 +94,286 @@ def _int_keys(tree: Any) -> Any:
     if isinstance(tree, dict):
         return {(int(k) if k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
     return tree
+
+
+# --- the training checkpointer ----------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints in `workdir/checkpoints` (one Orbax
+    CheckpointManager; items: train state, data-iterator state, config).
+
+    The loop decides when to save (every N steps, on SIGTERM, at the end); this class
+    keeps the last `options.keep` steps and, with `options.async_save`, writes in the
+    background: `save` returns once the arrays are copied to host memory, so the caller may
+    donate or overwrite them straight away. On several processes every process must call
+    `save`, `restore`, `wait` and `close` (they synchronise); only process 0 writes the
+    JSON items.
+
+        ckpt = Checkpointer(cfg.workdir, cfg.checkpoint)
+        if ckpt.latest_step() is not None:
+            step, state, data_state, _ = ckpt.restore(abstract_state)
+        ...
+        ckpt.save(step, state, iterator.get_state(), cfg)
+        ckpt.close()
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, options: CheckpointConfig | None = None):
+        options = options or CheckpointConfig()
+        self.directory = pathlib.Path(workdir).resolve() / CHECKPOINTS_DIR
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=options.keep,
+                enable_async_checkpointing=options.async_save,
+                save_interval_steps=1,  # every step is eligible: the loop decides when
+                # A save killed mid-write leaves `<step>.orbax-checkpoint-tmp`; it is never
+                # listed as a step, and this removes it when the next run opens the directory.
+                cleanup_tmp_directories=True,
+            ),
+            # Declared up front so a fresh process can read a step's metadata before any save.
+            item_handlers={
+                STATE_ITEM: ocp.StandardCheckpointHandler(),
+                DATA_ITEM: ocp.JsonCheckpointHandler(),
+                CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def save(
+        self, step: int, state: PyTree, data_state: dict[str, Any], config: Config, *, force: bool = False
+    ) -> bool:
+        """Saves checkpoint `step`; True if a save was started.
+
+        state: any pytree of jax arrays (typed PRNG keys and None subtrees allowed).
+        data_state: the data iterator's state, a JSON-serialisable dict (JSON turns tuples
+        into lists and dict keys into strings). config: stored as `config.to_dict(config)`.
+        A step already saved is never overwritten (False). Without `force`, a step that is
+        not after the latest saved one is skipped too (False); `force` saves it anyway.
+        With async saves, call `wait()` before relying on the files.
+        """
+        step = int(step)
+        if step in self.all_steps():
+            return False
+        data = _checked_json(data_state)
+        args = ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardSave(_keys_as_data(state)),
+                DATA_ITEM: ocp.args.JsonSave(data),
+                CONFIG_ITEM: ocp.args.JsonSave(to_dict(config)),
+            }
+        )
+        return bool(self._manager.save(step, args=args, force=force))
+
+    def restore(
+        self, abstract_state: PyTree, *, step: int | None = None
+    ) -> tuple[int, PyTree, dict[str, Any], dict[str, Any]]:
+        """Restores the latest step (or `step`) into the shapes, dtypes and shardings of
+        `abstract_state`: (step, state, data_state, config_dict).
+
+        abstract_state: a pytree like the saved state whose leaves carry `.shape`, `.dtype`
+        and `.sharding` (`jax.ShapeDtypeStruct`s, e.g. `with_shardings(jax.eval_shape(...),
+        shardings)`, or live arrays). Its shardings may use another mesh or device count than
+        the one that saved. The result has exactly its pytree structure (int dict keys, optax
+        NamedTuples, None subtrees, typed PRNG keys).
+        """
+        target = _keys_as_data(_abstract(abstract_state))
+        self.wait()  # a pending async save may be the step asked for
+        step = self._existing_step(step)
+        self._check_matches(step, target)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.StandardRestore(target),
+                    DATA_ITEM: ocp.args.JsonRestore(),
+                    CONFIG_ITEM: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        state = _keys_from_data(restored[STATE_ITEM], abstract_state)
+        return step, state, restored[DATA_ITEM], restored[CONFIG_ITEM]
+
+    def latest_step(self) -> int | None:
+        """The highest saved step (including one still being written asynchronously), or None."""
+        # Not Orbax's latest_step: after a forced save of an older step that answers with the
+        # step saved last, while a restarted process (and `restore`) would take the highest.
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def all_steps(self) -> list[int]:
+        """The saved steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk; raises if one of them failed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases Orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _existing_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"no checkpoints in {self.directory}; nothing to restore (start from scratch, "
+                "or set workdir= to a run that has checkpoints)"
+            )
+        if step is None:
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
+        return int(step)
+
+    def _check_matches(self, step: int, target: PyTree) -> None:
+        """Raises ValueError naming what differs between the stored state and `target`, so a
+        changed model or optimizer config fails here, in words, not deep inside Orbax."""
+        stored = ocp.tree.to_flat_dict(self._manager.item_metadata(step)[STATE_ITEM])
+        wanted = ocp.tree.to_flat_dict(target)
+        problems = _tree_differences(stored, wanted)
+        if problems:
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} does not match the train state "
+                f"being restored:\n{problems}\nIt was written with another model/optimizer config "
+                f"(the one it used is in {self.directory / str(step) / CONFIG_ITEM}). Resume with "
+                "that config, or start this config in a fresh workdir (workdir=NEW_DIR)."
+            )
+
+
+def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+    """`jax.eval_shape` output (or live arrays) + a matching tree of shardings ->
+    ShapeDtypeStructs with shardings: the `abstract_state` that `Checkpointer.restore` takes."""
+
+    def with_sharding(leaf, sharding):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree.map(with_sharding, abstract, shardings)
+
+
+def export_params(path: str | pathlib.Path, state: PyTree, config: Config, *, ema: bool) -> pathlib.Path:
+    """Writes the generator params of a train state as a params export (`save_params`),
+    readable by `sigmavae_jax.load(path)`.
+
+    state: a train state with `params["vae"]`, `ema` (None when no EMA is kept) and `step`.
+    ema: export the exponential moving average instead of the raw params.
+    Sharded arrays are gathered to host numpy first (on several processes too; every process
+    must call this).
+    """
+    if ema and state.ema is None:
+        raise ValueError("ema=True but the train state keeps no EMA (train.ema_decay=0); export with ema=False")
+    params = _to_host(state.ema if ema else state.params["vae"])
+    step = int(_to_host(state.step))
+    return save_params(path, params, config, source="training", step=step, ema=ema)
+
+
+def _is_key(leaf: Any) -> bool:
+    return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    """Arrays or ShapeDtypeStructs -> ShapeDtypeStructs; every leaf must have a sharding."""
+
+    def leaf_of(path, leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            raise ValueError(
+                f"abstract_state leaf {jax.tree_util.keystr(path)} ({leaf!r}) has no sharding; "
+                "build it with checkpoint.with_shardings(jax.eval_shape(...), shardings)"
+            )
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf_of, tree)
+
+
+def _keys_as_data(tree: PyTree) -> PyTree:
+    """Typed PRNG keys (which Orbax cannot store) -> their uint32 data; works on arrays
+    and on ShapeDtypeStructs (keeping the key's sharding: the data only adds a trailing dim)."""
+
+    def as_data(leaf):
+        if not _is_key(leaf):
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            data = jax.eval_shape(jax.random.key_data, leaf)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=leaf.sharding)
+        return jax.random.key_data(leaf)
+
+    return jax.tree.map(as_data, tree)
+
+
+def _keys_from_data(restored: PyTree, abstract: PyTree) -> PyTree:
+    """Undoes `_keys_as_data`: wraps the uint32 data where `abstract` holds a typed key."""
+
+    def from_data(want, got):
+        if not _is_key(want):
+            return got
+        key = jax.random.wrap_key_data(got, impl=_key_impl(want))
+        return key if key.sharding == want.sharding else jax.device_put(key, want.sharding)
+
+    return jax.tree.map(from_data, abstract, restored)
+
+
+def _key_impl(abstract_key: Any) -> Any:
+    """The PRNG implementation (threefry, rbg, ...) of a typed key or its ShapeDtypeStruct;
+    `jax.random.key_impl` takes only arrays, so ask it of a traced stand-in."""
+    found = []
+    stand_in = jax.ShapeDtypeStruct(abstract_key.shape, abstract_key.dtype)
+    jax.eval_shape(lambda key: found.append(jax.random.key_impl(key)), stand_in)
+    return found[0]
+
+
+def _checked_json(data_state: dict[str, Any]) -> dict[str, Any]:
+    """Fails in the caller's thread, not in Orbax's background writer, on a bad data state."""
+    if not isinstance(data_state, dict):
+        raise TypeError(f"data_state must be a dict (the data iterator's state), got {type(data_state).__name__}")
+    try:
+        json.dumps(data_state)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"data_state must be JSON-serialisable: {error}") from None
+    return data_state
+
+
+def _tree_differences(stored: dict[tuple, Any], wanted: dict[tuple, Any]) -> str:
+    """Lines listing missing, unexpected and mis-shaped leaves ('' when none), given flat
+    {path tuple: leaf with .shape and .dtype} dicts of the checkpoint and of the target."""
+
+    def shape_dtype(leaf):
+        return tuple(leaf.shape), np.dtype(leaf.dtype)
+
+    def show(paths):
+        names = ["/".join(path) for path in sorted(paths)]
+        more = f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+        return ", ".join(names[:_MAX_LISTED]) + more
+
+    missing = wanted.keys() - stored.keys()
+    unexpected = stored.keys() - wanted.keys()
+    misshaped = sorted(p for p in wanted.keys() & stored.keys() if shape_dtype(stored[p]) != shape_dtype(wanted[p]))
+    lines = []
+    if missing:
+        lines.append(f"  {len(missing)} expected but not in the checkpoint: {show(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} in the checkpoint but not expected: {show(unexpected)}")
+    if misshaped:
+        described = [
+            "{} stored {} {}, expected {} {}".format("/".join(p), *shape_dtype(stored[p]), *shape_dtype(wanted[p]))
+            for p in misshaped[:_MAX_LISTED]
+        ]
+        more = f", ... ({len(misshaped) - _MAX_LISTED} more)" if len(misshaped) > _MAX_LISTED else ""
+        lines.append(f"  {len(misshaped)} with another shape or dtype: {'; '.join(described)}{more}")
+    return "\n".join(lines)
+
+
+def _to_host(tree: PyTree) -> PyTree:
+    """jax arrays -> numpy, gathering shards held by other processes when there are any."""
+
+    def to_numpy(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return multihost_utils.process_allgather(leaf, tiled=True)
+        return np.asarray(jax.device_get(leaf))
+
+    return jax.tree.map(to_numpy, tree)

@@ -7,6 +7,7 @@ the dotted key, the value received and what is allowed.
 from __future__ import annotations
 
 import pathlib
+import typing
 from typing import Any, Literal
 
 import pydantic
@@ -105,6 +106,9 @@ class LossConfig(_Strict):
     disc_start: int = pydantic.Field(50001, ge=0)
     disc_weight: float = pydantic.Field(0.5, ge=0.0)
     disc_factor: float = pydantic.Field(1.0, ge=0.0)
+    # True: the GAN term is scaled by |grad_W nll| / |grad_W g| * disc_weight (taming);
+    # False: by disc_weight alone.
+    adaptive_gan_weight: bool = True
 
     @property
     def uses_gan(self) -> bool:
@@ -139,7 +143,6 @@ class TrainConfig(_Strict):
     steps: int = pydantic.Field(1000, gt=0)
     batch_size: int = pydantic.Field(8, gt=0)  # global batch, split over all devices
     image_size: int = pydantic.Field(256, gt=0)
-    seed: int = 0
     # Parameter path prefixes to train, e.g. ["decoder"] (the NextStep-1 recipe) or
     # ["decoder", "post_quant_conv"]; empty: the whole generator.
     trainable: tuple[str, ...] = ()
@@ -149,16 +152,78 @@ class TrainConfig(_Strict):
     mesh_data: int = -1  # devices along the data axis; -1: all devices / mesh_fsdp
     mesh_fsdp: int = pydantic.Field(1, gt=0)  # devices along the fsdp axis
     fsdp_min_size: int = pydantic.Field(2**18, gt=0)  # params at least this big are sharded over fsdp
+    max_nonfinite_steps: int = pydantic.Field(10, gt=0)  # stop after this many skipped steps in a row
+
+    @pydantic.field_validator("mesh_data")
+    @classmethod
+    def _mesh_data(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"must be a positive device count or -1 (all devices / mesh_fsdp), got {value}")
+        return value
+
+
+class DataConfig(_Strict):
+    """Where images come from and how they are prepared (DESIGN section 8)."""
+
+    source: Literal["tfds", "folder"] = "folder"
+    name: str = "imagenet2012"  # tfds dataset name (source=tfds)
+    dir: str | None = None  # tfds data_dir (source=tfds); None: tfds' default
+    split: str = "train"  # tfds split for training
+    eval_split: str = "validation"  # tfds split for evaluation
+    image_key: str = "image"  # tfds feature holding the image
+    path: str | None = None  # image folder, searched recursively (source=folder)
+    # Training images: the shorter side is resized to `resize` (None: train.image_size), then
+    # a crop of train.image_size is taken; resize > image_size trains on patches.
+    resize: int | None = pydantic.Field(None, gt=0)
+    crop: Literal["random", "center"] = "random"
+    shuffle: bool = True
+    workers: int = pydantic.Field(0, ge=0)  # grain worker processes; 0: decode in the main process
+    prefetch: int = pydantic.Field(2, ge=0)  # batches read ahead per worker
+
+    @pydantic.model_validator(mode="after")
+    def _source_needs_location(self) -> "DataConfig":
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.source=folder needs data.path=DIR (a folder of images)")
+        return self
+
+
+class CheckpointConfig(_Strict):
+    """Orbax checkpoints of the whole training state in `workdir/checkpoints`."""
+
+    every: int = pydantic.Field(1000, gt=0)  # save every N steps (and on SIGTERM, and at the end)
+    keep: int = pydantic.Field(3, gt=0)  # keep the last N
+    async_save: bool = True  # write in the background while training goes on
+
+
+class LogConfig(_Strict):
+    """What process 0 reports: metrics (TensorBoard + metrics.jsonl), images, progress."""
+
+    every: int = pydantic.Field(50, gt=0)  # metrics every N steps
+    images_every: int = pydantic.Field(1000, gt=0)  # reconstruction grid PNG every N steps
 
 
 class Config(_Strict):
     """The root of the config tree."""
 
+    workdir: str = "workdir"  # checkpoints, metrics and images go here
+    seed: int = 0
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    data: DataConfig | None = None  # required by train.py and eval.py, not by the model
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    @pydantic.model_validator(mode="after")
+    def _crops_fit(self) -> "Config":
+        if self.data is not None and self.data.resize is not None and self.data.resize < self.train.image_size:
+            raise ValueError(
+                f"data.resize={self.data.resize} is smaller than train.image_size={self.train.image_size}; "
+                "the training crop must fit in the resized image"
+            )
+        return self
 
 
 def _format_errors(error: pydantic.ValidationError, source: str) -> str:
@@ -247,3 +312,21 @@ def load_config(name_or_path: str | pathlib.Path | None = None, overrides: list[
 def to_dict(config: pydantic.BaseModel) -> dict[str, Any]:
     """Plain JSON-able dict (tuples become lists)."""
     return config.model_dump(mode="json")
+
+
+def describe_keys(model: type[pydantic.BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per overridable key: `model.z_channels: int = 4`, for --help texts."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, pydantic.BaseModel)]
+        if nested:
+            lines += describe_keys(nested[0], key + ".")
+            continue
+        if typing.get_origin(annotation) is Literal:
+            type_name = " | ".join(map(str, typing.get_args(annotation)))
+        else:
+            type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        lines.append(f"{key}: {type_name} = {field.get_default(call_default_factory=True)!r}")
+    return lines

@@ -67,3 +67,28 @@ def tree_shardings(mesh: Mesh, tree: Any, min_size: int) -> Any:
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
     """This process's rows of the batch -> one global array sharded over the mesh."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
+    """jax.distributed.initialize: explicit (coordinator, count, id) or auto-detected (TPU
+    pods, SLURM, ...). CPU collectives across processes go through gloo (this setting only
+    concerns the CPU backend, so it is harmless on GPU and TPU hosts)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def gather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-serialisable `obj`, in process order (on every process)."""
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([payload.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: payload.size] = payload
+    gathered = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]

@@ -36,7 +36,7 @@ def setup(cfg, mesh):
     """(state, jitted step, lpips variables) for cfg on mesh, from a fixed seed."""
     modules = train_state.build_modules(cfg)
     lpips_graph, lpips_vars = lpips_parts() if cfg.loss.perceptual_weight > 0 else (None, None)
-    state, shardings = train_state.create_state(cfg, modules, mesh, jax.random.key(cfg.train.seed))
+    state, shardings = train_state.create_state(cfg, modules, mesh, jax.random.key(cfg.seed))
     step = compile_train_step(make_train_step(cfg, modules, lpips_graph), shardings, mesh, lpips_vars)
     return state, step, lpips_vars, modules
 
@@ -263,7 +263,7 @@ def test_bfloat16_step_stays_finite_and_learns():
 
 
 def test_non_finite_batch_is_skipped_and_changes_nothing():
-    cfg = tiny_config("loss.perceptual_weight=0", "loss.disc_start=0")
+    cfg = tiny_config("loss.perceptual_weight=0", "loss.disc_start=0", "loss.adaptive_gan_weight=false")
     mesh = single_device_mesh()
     state, step, lpips_vars, _ = setup(cfg, mesh)
     before = jax.tree.map(np.array, (state.params, state.disc_params, state.opt_state))
@@ -273,3 +273,6 @@ def test_non_finite_batch_is_skipped_and_changes_nothing():
     assert int(metrics["skipped"]) == 1 and int(state.step) == 1
     for got, want in zip(jax.tree.leaves((state.params, state.disc_params, state.opt_state)), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(got), want)
+    # the next, finite batch trains; with adaptive_gan_weight off the GAN weight is disc_weight
+    state, metrics = step(state, parallel.global_batch(images((BATCH, SIZE, SIZE, 3)), mesh), lpips_vars)
+    assert int(metrics["skipped"]) == 0 and float(metrics["d_weight"]) == cfg.loss.disc_weight

@@ -120,6 +120,8 @@ def make_train_step(cfg: Config, modules: Modules, lpips_graph: Any = None) -> S
                     return losses.generator_adversarial_loss(logits)
 
                 g, ct_g = jax.value_and_grad(g_of)(x_hat)
+                if not loss_cfg.adaptive_gan_weight:
+                    return g, ct_g, jnp.asarray(loss_cfg.disc_weight, jnp.float32), zero, zero
                 nll_grad, g_grad = conv_kernel_grad(conv_out, h, ct_nll), conv_kernel_grad(conv_out, h, ct_g)
                 d_weight = losses.adaptive_weight(nll_grad, g_grad, loss_cfg.disc_weight)
                 return g, ct_g, d_weight, jnp.linalg.norm(nll_grad), jnp.linalg.norm(g_grad)

@@ -1,0 +1,244 @@
+"""The training loop: data -> step -> metrics / images -> checkpoint, with exact resume,
+preemption (SIGTERM) handling and a NaN guard. `train(cfg)` is what train.py calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from sigmavae_jax import data, parallel, viz
+from sigmavae_jax.api import DTYPES, check_params
+from sigmavae_jax.checkpoint import Checkpointer, export_params, load_params, with_shardings
+from sigmavae_jax.config import Config, ConfigError, to_dict
+from sigmavae_jax.models.lpips import load_lpips
+from sigmavae_jax.train.state import Modules, TrainState, build_modules, create_state, learning_rate_schedule
+from sigmavae_jax.train.step import compile_train_step, make_train_step
+
+log = logging.getLogger("sigmavae_jax")
+PREVIEW_IMAGES = 8
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    reason: str  # "done" | "preempted"
+    workdir: pathlib.Path
+    export: pathlib.Path | None  # params export of the final state (raw params)
+    skipped_steps: int
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (what TPU VMs and schedulers send before taking a machine away)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        """True if any process was asked to stop (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+class MetricsWriter:
+    """Process 0 writes TensorBoard events and `metrics.jsonl`; other processes write nothing."""
+
+    def __init__(self, workdir: pathlib.Path, active: bool):
+        self.active = active
+        self.tb = None
+        if active:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        for name, value in values.items():
+            self.tb.add_scalar(name, value, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self.active:
+            self.tb.add_image(name, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.active:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def _data_state(iterator) -> dict[str, Any]:
+    """Every process reads its own shard, so every process's iterator state is saved."""
+    return {"processes": parallel.gather_json(iterator.get_state())}
+
+
+def _init_params(path: str, cfg: Config) -> dict[str, Any]:
+    """VAE params from a params export (convert_torch_weights.py or a finished run)."""
+    params, init_cfg = load_params(path)
+    try:
+        check_params(params, cfg.model)
+    except ValueError as error:
+        raise ConfigError(f"--init {path} does not fit model config of this run: {error}") from None
+    differing = [
+        key for key, value in to_dict(init_cfg.model).items()
+        if key not in ("noise", "sample_posterior") and to_dict(cfg.model)[key] != value
+    ]
+    if differing:
+        log.warning("--init %s was exported with different model settings %s; using this run's", path, differing)
+    return params
+
+
+def _preview_batch(cfg: Config) -> np.ndarray:
+    """A fixed batch of eval-transformed images for the reconstruction grids."""
+    for images, count in data.eval_batches(cfg, size=cfg.train.image_size, batch_size=PREVIEW_IMAGES, limit=PREVIEW_IMAGES):
+        return images[:count]
+    raise ConfigError("the data source holds no readable image")
+
+
+def _make_reconstruct(modules: Modules):
+    @jax.jit
+    def reconstruct(vae_params, images):
+        vae = nnx.merge(modules.vae, vae_params)
+        return vae(images)[0]  # eval mode: posterior mode, no noise
+
+    return reconstruct
+
+
+def _save_preview(step, state: TrainState, preview, reconstruct, workdir: pathlib.Path, writer: MetricsWriter):
+    rows = [preview, np.asarray(reconstruct(state.params["vae"], preview))]
+    if state.ema is not None:
+        rows.append(np.asarray(reconstruct(state.ema, preview)))
+    grid = viz.reconstruction_grid(rows)
+    if writer.active:
+        viz.save_png(workdir / "images" / f"reconstructions_{step:08d}.png", grid)
+        writer.image(step, "reconstructions", grid)
+
+
+def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -> RunResult:
+    """Trains (or resumes training in cfg.workdir) until cfg.train.steps or SIGTERM."""
+    if cfg.data is None:
+        raise ConfigError("training needs data: data.source=folder data.path=DIR, or data.source=tfds data.name=NAME")
+    workdir = pathlib.Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    main_process = jax.process_index() == 0
+    mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
+    parallel.check_batch_size(cfg.train.batch_size, mesh)
+    modules = build_modules(cfg)
+    lpips_graph = lpips_vars = None
+    if cfg.loss.perceptual_weight > 0:
+        lpips_graph, lpips_vars = nnx.split(load_lpips(cfg.loss.lpips_weights, dtype=DTYPES[cfg.train.compute_dtype]))
+    vae_params = _init_params(init, cfg) if init else None
+    state, shardings = create_state(cfg, modules, mesh, jax.random.key(cfg.seed), vae_params)
+
+    checkpointer = Checkpointer(workdir, cfg.checkpoint)
+    iterator = data.train_iterator(cfg, seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    if checkpointer.latest_step() is not None:
+        restored_step, state, data_state, _ = checkpointer.restore(with_shardings(state, shardings))
+        iterator.set_state(data_state["processes"][jax.process_index()])
+        log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
+    if main_process:
+        (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    step_fn = compile_train_step(make_train_step(cfg, modules, lpips_graph), shardings, mesh, lpips_vars)
+    batch = parallel.global_batch(next(iterator), mesh)
+    start = time.perf_counter()
+    step_fn = step_fn.lower(state, batch, lpips_vars).compile()
+    memory = step_fn.memory_analysis()
+    log.info(
+        "compiled the train step in %.1f s%s", time.perf_counter() - start,
+        f" (temp {memory.temp_size_in_bytes / 2**20:.0f} MiB)" if memory is not None else "",
+    )
+    preview = _preview_batch(cfg)
+    reconstruct = _make_reconstruct(modules)
+    writer = MetricsWriter(workdir, main_process)
+    schedule = learning_rate_schedule(cfg.optim, cfg.optim.lr, cfg.train.steps)
+    preemption = PreemptionFlag()
+
+    step = int(state.step)
+    first_step, total = step, cfg.train.steps
+    progress = tqdm(total=total, initial=step, unit="step", disable=not (main_process and show_progress), dynamic_ncols=True)
+    window_start, window_steps = time.perf_counter(), 0
+    nonfinite_run, skipped_steps, reason = 0, 0, "done"
+    pending = None  # the previous step's metrics, read one step late so the host never waits
+    try:
+        if step == first_step and step == 0:
+            _save_preview(step, state, preview, reconstruct, workdir, writer)
+        while step < total:
+            state, metrics = step_fn(state, batch, lpips_vars)
+            step += 1
+            window_steps += 1
+            if pending is not None:
+                nonfinite_run = nonfinite_run + 1 if int(pending["skipped"]) else 0
+                skipped_steps += int(pending["skipped"])
+                if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"{nonfinite_run} steps in a row had a non-finite loss or gradient (step {step - 1}); "
+                        f"stopped. The last good checkpoint in {checkpointer.directory} is kept; lower optim.lr "
+                        "or set optim.grad_clip and resume"
+                    )
+            pending = metrics
+            if step % cfg.log.every == 0 or step == total:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                values.update(
+                    lr=float(schedule(step - 1)),
+                    images_per_s=window_steps * cfg.train.batch_size / elapsed,
+                    skipped_steps=skipped_steps,
+                    skipped_images=iterator.skipped()["skipped"],
+                )
+                writer.scalars(step, values)
+                progress.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{values['images_per_s']:.1f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if step % cfg.log.images_every == 0 or step == total:
+                _save_preview(step, state, preview, reconstruct, workdir, writer)
+            if step % cfg.checkpoint.every == 0 or step == total:
+                checkpointer.save(step, state, _data_state(iterator), cfg)
+            progress.update(1)
+            if preemption.any_process() and step < total:
+                checkpointer.save(step, state, _data_state(iterator), cfg, force=True)
+                reason = "preempted"
+                log.warning("SIGTERM: saved a checkpoint at step %d in %s; exiting", step, checkpointer.directory)
+                break
+            if step < total:
+                batch = parallel.global_batch(next(iterator), mesh)
+        checkpointer.wait()
+        export = None
+        if reason == "done":
+            export = workdir / "export" / f"step_{step:08d}"
+            if not export.exists():
+                export_params(export, state, cfg, ema=False)
+                if state.ema is not None:
+                    export_params(export.with_name(export.name + "_ema"), state, cfg, ema=True)
+        return RunResult(step=step, reason=reason, workdir=workdir, export=export, skipped_steps=skipped_steps)
+    finally:
+        preemption.restore()
+        progress.close()
+        writer.close()
+        checkpointer.close()
+        iterator.close()
