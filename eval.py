@@ -9,6 +9,7 @@ A thin shell over `sigmavae_jax.evaluate.evaluate`; --help lists the options.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import pathlib
 import sys
@@ -48,6 +49,9 @@ def parse_args(argv):
     parser.add_argument("--out", type=pathlib.Path, help="output folder for eval.json (default: next to the checkpoint)")
     parser.add_argument("--name", help="model name in the printed table row")
     parser.add_argument("--seed", type=int, default=0, help="seed of posterior samples")
+    parser.add_argument("--latent-stats", action="store_true",
+                        help="instead of reconstruction metrics: latent mean/std per channel and overall, and the "
+                        "scaling/shift factors a diffusion model would use (written to latent_stats.json)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.source=folder data.path=DIR")
     return parser.parse_args(argv)
 
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     import sigmavae_jax
     from sigmavae_jax.config import ConfigError, load_config
-    from sigmavae_jax.evaluate import EvalSettings, evaluate, markdown_row
+    from sigmavae_jax.evaluate import EvalSettings, evaluate, latent_statistics, markdown_row
     from sigmavae_jax.models.lpips import load_lpips
 
     try:
@@ -87,6 +91,15 @@ def main(argv=None) -> int:
             fid_rounding=args.fid_rounding, seed=args.seed, save_reconstructions=args.save_reconstructions,
         )
         out = args.out or export / "eval"
+        if args.latent_stats:
+            stats = latent_statistics(codec, data_cfg, settings)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "latent_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+            print("channel mean:", " ".join(f"{v:+.4f}" for v in stats["channel_mean"]))
+            print("channel std: ", " ".join(f"{v:.4f}" for v in stats["channel_std"]))
+            print(f"overall mean {stats['mean']:+.5f}, std {stats['std']:.5f} over {stats['positions']} latent positions")
+            print(f"model.scaling_factor={stats['scaling_factor']:.5f} model.shift_factor={stats['shift_factor']:.5f}")
+            return 0
         report = evaluate(codec, data_cfg, settings, lpips=load_lpips(args.lpips_weights), inception=inception,
                           reference_stats=args.reference_stats, out_dir=out)
     except (ConfigError, FileNotFoundError, ValueError) as error:

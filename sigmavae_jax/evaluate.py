@@ -177,3 +177,49 @@ def markdown_row(name: str, report: dict[str, Any]) -> str:
     """A row of the reference table: | model | rFID | PSNR | SSIM | LPIPS |."""
     show = lambda value, digits: "n/a" if value is None else f"{value:.{digits}f}"  # noqa: E731
     return f"| {name} | {show(report['rfid'], 3)} | {show(report['psnr'], 3)} | {show(report['ssim'], 3)} | {show(report['lpips'], 3)} |"
+
+
+def latent_statistics(codec: Codec, cfg: Config, settings: EvalSettings, *, progress: bool = True) -> dict[str, Any]:
+    """Per-channel and global mean/std of the latents (the posterior mode, or a sample with
+    settings.sample_posterior) over cfg.data, and the factors a diffusion model would use:
+    shift_factor = global mean, scaling_factor = 1 / global std (so (z - shift) * scale has
+    zero mean and unit variance)."""
+    mesh = parallel.make_mesh(-1, 1)
+    if settings.batch_size % mesh.size:
+        raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
+    local_batch = settings.batch_size // jax.process_count()
+
+    @jax.jit
+    def sums(params, images, mask, key):
+        model = nnx.merge(codec.graphdef, params)
+        posterior = model.posterior(images)
+        z = (posterior.sample(key) if settings.sample_posterior else posterior.mode()).astype(jnp.float32)
+        z = jnp.where(mask[:, None, None, None] > 0, z, 0.0)
+        positions = jnp.sum(mask) * z.shape[1] * z.shape[2]
+        return positions, jnp.sum(z, axis=(0, 1, 2)), jnp.sum(z * z, axis=(0, 1, 2))
+
+    params = jax.device_put(codec.params, parallel.replicated(mesh))
+    batches = data.eval_batches(cfg, size=settings.size, batch_size=local_batch, process_index=jax.process_index(),
+                                process_count=jax.process_count(), limit=settings.num_images)
+    count, total, squares = 0.0, 0.0, 0.0
+    key = jax.random.key(settings.seed)
+    with batches:
+        for index, (images, n) in enumerate(tqdm(batches, unit="batch", disable=not (progress and jax.process_index() == 0))):
+            mask = (np.arange(local_batch) < n).astype(np.float32)
+            c, s, q = jax.device_get(sums(params, parallel.global_batch(images, mesh), parallel.global_batch(mask, mesh), jax.random.fold_in(key, index)))
+            count, total, squares = count + float(c), total + np.asarray(s, np.float64), squares + np.asarray(q, np.float64)
+    if count == 0:
+        raise ValueError("no readable image in the data")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    global_mean = float(total.sum() / (count * total.size))
+    global_std = float(np.sqrt(max(squares.sum() / (count * total.size) - global_mean**2, 0.0)))
+    return {
+        "positions": int(count),
+        "channel_mean": mean.tolist(),
+        "channel_std": std.tolist(),
+        "mean": global_mean,
+        "std": global_std,
+        "shift_factor": global_mean,
+        "scaling_factor": 1.0 / global_std if global_std > 0 else None,
+    }

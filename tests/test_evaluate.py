@@ -99,3 +99,18 @@ def test_eval_cli_prints_a_table_row(setup, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(tmp_path / "nope"), "data.path=x"],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert bad.returncode == 2 and "neither a params export" in bad.stderr
+
+
+def test_latent_statistics_match_numpy(setup):
+    from sigmavae_jax.evaluate import latent_statistics
+
+    root, export, cfg = setup
+    codec = sigmavae_jax.load(export)
+    stats = latent_statistics(codec, cfg, EvalSettings(batch_size=8, size=SIZE), progress=False)
+    images = np.concatenate([batch[:n] for batch, n in data.eval_batches(cfg, size=SIZE, batch_size=4)])
+    z = np.asarray(codec.encode(images), np.float64)  # (11, 8, 8, 4)
+    assert stats["positions"] == z.shape[0] * z.shape[1] * z.shape[2]
+    np.testing.assert_allclose(stats["channel_mean"], z.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["channel_std"], z.std(axis=(0, 1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(stats["scaling_factor"], 1 / z.std(), rtol=1e-4)
+    np.testing.assert_allclose(stats["shift_factor"], z.mean(), rtol=1e-4, atol=1e-6)
