@@ -13,6 +13,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 	# pytorch-fid is only an oracle for the Frechet distance; --no-deps keeps it from pulling
 	# torchvision (which does not import beside torch 2.13 here) and another torch.
 	$(BIN)/pip install --quiet --no-deps pytorch-fid==0.3.0
+	# torch-fidelity's Inception module is the independent torch reference of tests/test_inception.py;
+	# --no-deps for the same reason (its package __init__ is never run).
+	$(BIN)/pip install --quiet --no-deps torch-fidelity==0.4.0
 	touch $@
 
 setup: $(VENV)/.installed

