@@ -91,11 +91,12 @@ def test_eval_cli_prints_a_table_row(setup, tmp_path):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(export), "--size", "32", "--batch-size", "4",
-         "--num-images", "6", "--out", str(tmp_path), "--name", "tiny", f"data.path={root}"],
+         "--num-images", "6", "--out", str(tmp_path), "--name", "tiny", "--save-reconstructions", "2", f"data.path={root}"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| tiny | n/a |" in done.stdout and (tmp_path / "eval.json").exists()
+    assert len(list((tmp_path / "reconstructions").glob("*.png"))) == 2
     bad = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(tmp_path / "nope"), "data.path=x"],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert bad.returncode == 2 and "neither a params export" in bad.stderr
