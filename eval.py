@@ -52,6 +52,12 @@ def parse_args(argv):
     parser.add_argument("--latent-stats", action="store_true",
                         help="instead of reconstruction metrics: latent mean/std per channel and overall, and the "
                         "scaling/shift factors a diffusion model would use (written to latent_stats.json)")
+    parser.add_argument("--robustness", action="store_true",
+                        help="instead of reconstruction metrics: PSNR/LPIPS of decodings of z + sigma*std(z)*eps over "
+                        "--sigmas, as a table and robustness.png (one line per --checkpoint/--compare model)")
+    parser.add_argument("--sigmas", default="0,0.05,0.1,0.2,0.5,1.0", help="latent noise levels for --robustness")
+    parser.add_argument("--compare", action="append", default=[], metavar="CHECKPOINT",
+                        help="with --robustness: more checkpoints drawn as further lines")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.source=folder data.path=DIR")
     return parser.parse_args(argv)
 
@@ -72,7 +78,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     import sigmavae_jax
     from sigmavae_jax.config import ConfigError, load_config
-    from sigmavae_jax.evaluate import EvalSettings, evaluate, latent_statistics, markdown_row
+    from sigmavae_jax import viz
+    from sigmavae_jax.evaluate import EvalSettings, evaluate, latent_statistics, markdown_row, robustness
     from sigmavae_jax.models.lpips import load_lpips
 
     try:
@@ -99,6 +106,24 @@ def main(argv=None) -> int:
             print("channel std: ", " ".join(f"{v:.4f}" for v in stats["channel_std"]))
             print(f"overall mean {stats['mean']:+.5f}, std {stats['std']:.5f} over {stats['positions']} latent positions")
             print(f"model.scaling_factor={stats['scaling_factor']:.5f} model.shift_factor={stats['shift_factor']:.5f}")
+            return 0
+        if args.robustness:
+            sigmas = [float(v) for v in args.sigmas.split(",")]
+            lpips = load_lpips(args.lpips_weights)
+            curves = {}
+            for index, checkpoint in enumerate([args.checkpoint, *args.compare]):
+                path = resolve_export(pathlib.Path(checkpoint), args.ema)
+                name = args.name if (index == 0 and args.name) else path.name
+                name = name if name not in curves else f"{name} ({index})"
+                curves[name] = robustness(sigmavae_jax.load(path, dtype=args.dtype), data_cfg, settings, sigmas=sigmas, lpips=lpips)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "robustness.json").write_text(json.dumps(curves, indent=2) + "\n")
+            figure = viz.robustness_figure(out / "robustness.png", curves)
+            print("| model | " + " | ".join(f"sigma {s:g}: PSNR / LPIPS" for s in sigmas) + " |")
+            print("|---|" + "---|" * len(sigmas))
+            for name, rows in curves.items():
+                print(f"| {name} | " + " | ".join(f"{r['psnr']:.2f} / {r['lpips']:.3f}" for r in rows) + " |")
+            print(f"curve: {figure}")
             return 0
         report = evaluate(codec, data_cfg, settings, lpips=load_lpips(args.lpips_weights), inception=inception,
                           reference_stats=args.reference_stats, out_dir=out)

@@ -223,3 +223,55 @@ def latent_statistics(codec: Codec, cfg: Config, settings: EvalSettings, *, prog
         "shift_factor": global_mean,
         "scaling_factor": 1.0 / global_std if global_std > 0 else None,
     }
+
+
+ROBUSTNESS_SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def robustness(
+    codec: Codec, cfg: Config, settings: EvalSettings, *, sigmas=ROBUSTNESS_SIGMAS, lpips=None, progress: bool = True
+) -> list[dict[str, float]]:
+    """How gracefully the decoder degrades under latent noise: decode z + sigma * std(z) * eps
+    (z the posterior mode, std(z) the standard deviation of each image's latent, eps ~ N(0, I))
+    for every sigma, and average PSNR (and LPIPS) of the decodings against the originals.
+    Returns [{"sigma", "psnr", "lpips"}] in the order of `sigmas`."""
+    mesh = parallel.make_mesh(-1, 1)
+    if settings.batch_size % mesh.size:
+        raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
+    local_batch = settings.batch_size // jax.process_count()
+    lpips_graph, lpips_vars = _split(lpips)
+
+    @jax.jit
+    def sums(params, lpips_vars, images, mask, sigma, key):
+        model = nnx.merge(codec.graphdef, params)
+        z = model.encode(images)  # (B, h, w, c)
+        scale = jnp.std(z, axis=(1, 2, 3), keepdims=True)
+        x_hat = model.decode(z + sigma * scale * jax.random.normal(key, z.shape, z.dtype))
+        real = mask > 0
+        out = {"psnr": jnp.sum(jnp.where(real, metrics.psnr(metrics.to_unit_range(images), metrics.to_unit_range(x_hat)), 0.0))}
+        if lpips_graph is not None:
+            out["lpips"] = jnp.sum(jnp.where(real, nnx.merge(lpips_graph, lpips_vars)(images, x_hat), 0.0))
+        return out
+
+    params = jax.device_put(codec.params, parallel.replicated(mesh))
+    lpips_vars = jax.device_put(lpips_vars, parallel.replicated(mesh))
+    batches = data.eval_batches(cfg, size=settings.size, batch_size=local_batch, process_index=jax.process_index(),
+                                process_count=jax.process_count(), limit=settings.num_images)
+    totals = [{"psnr": 0.0, "lpips": 0.0} for _ in sigmas]
+    count = 0
+    key = jax.random.key(settings.seed)
+    with batches:
+        for index, (images, n) in enumerate(tqdm(batches, unit="batch", disable=not (progress and jax.process_index() == 0))):
+            mask = (np.arange(local_batch) < n).astype(np.float32)
+            images_global, mask_global = parallel.global_batch(images, mesh), parallel.global_batch(mask, mesh)
+            count += int(round(float(jnp.sum(mask_global))))
+            for i, sigma in enumerate(sigmas):
+                batch_sums = jax.device_get(sums(params, lpips_vars, images_global, mask_global, jnp.float32(sigma), jax.random.fold_in(key, index)))
+                for name, value in batch_sums.items():
+                    totals[i][name] += float(value)
+    if count == 0:
+        raise ValueError("no readable image in the data")
+    return [
+        {"sigma": float(sigma), "psnr": t["psnr"] / count, "lpips": t["lpips"] / count if lpips is not None else None}
+        for sigma, t in zip(sigmas, totals)
+    ]

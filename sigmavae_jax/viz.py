@@ -30,3 +30,33 @@ def save_png(path: str | pathlib.Path, image: np.ndarray) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
     return path
+
+
+def robustness_figure(path: str | pathlib.Path, curves: dict[str, list[dict[str, float]]]) -> pathlib.Path:
+    """PSNR (and LPIPS, when measured) against the latent noise sigma, one line per model.
+
+    curves: model name -> the rows of `evaluate.robustness` ({"sigma", "psnr", "lpips"})."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    with_lpips = all(row["lpips"] is not None for rows in curves.values() for row in rows)
+    figure, axes = plt.subplots(1, 2 if with_lpips else 1, figsize=(10 if with_lpips else 5, 4), squeeze=False)
+    for name, rows in curves.items():
+        sigmas = [row["sigma"] for row in rows]
+        axes[0, 0].plot(sigmas, [row["psnr"] for row in rows], marker="o", label=name)
+        if with_lpips:
+            axes[0, 1].plot(sigmas, [row["lpips"] for row in rows], marker="o", label=name)
+    axes[0, 0].set(xlabel="latent noise sigma (x latent std)", ylabel="PSNR (dB)", title="reconstruction under latent noise")
+    if with_lpips:
+        axes[0, 1].set(xlabel="latent noise sigma (x latent std)", ylabel="LPIPS", title="perceptual distance")
+    for axis in axes.ravel():
+        axis.grid(alpha=0.3)
+        axis.legend()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

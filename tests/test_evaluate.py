@@ -115,3 +115,27 @@ def test_latent_statistics_match_numpy(setup):
     np.testing.assert_allclose(stats["channel_std"], z.std(axis=(0, 1, 2)), rtol=1e-4)
     np.testing.assert_allclose(stats["scaling_factor"], 1 / z.std(), rtol=1e-4)
     np.testing.assert_allclose(stats["shift_factor"], z.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_robustness_sweep_degrades_with_noise_and_draws_a_curve(setup, tmp_path):
+    from sigmavae_jax.evaluate import robustness
+
+    root, export, cfg = setup
+    codec = sigmavae_jax.load(export)
+    rows = robustness(codec, cfg, EvalSettings(batch_size=8, size=SIZE), sigmas=(0.0, 1.0, 4.0), lpips=load_lpips(None), progress=False)
+    assert [r["sigma"] for r in rows] == [0.0, 1.0, 4.0]
+    images = np.concatenate([batch[:n] for batch, n in data.eval_batches(cfg, size=SIZE, batch_size=4)])
+    clean = metrics.psnr(metrics.to_unit_range(images), metrics.to_unit_range(np.asarray(codec.reconstruct(images))))
+    np.testing.assert_allclose(rows[0]["psnr"], float(np.mean(clean)), atol=1e-4)  # sigma 0: the plain reconstruction
+    # noise reaches the decoder (an untrained model need not degrade monotonically)
+    assert abs(rows[2]["psnr"] - rows[0]["psnr"]) > 1e-3 and abs(rows[2]["lpips"] - rows[0]["lpips"]) > 1e-4
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(export), "--compare", str(export), "--robustness",
+         "--sigmas", "0,0.5", "--size", "32", "--batch-size", "4", "--num-images", "4", "--out", str(tmp_path),
+         "--name", "a", f"data.path={root}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| a | " in done.stdout and "| export | " in done.stdout
+    assert (tmp_path / "robustness.png").stat().st_size > 1000 and (tmp_path / "robustness.json").exists()
