@@ -179,15 +179,25 @@ def markdown_row(name: str, report: dict[str, Any]) -> str:
     return f"| {name} | {show(report['rfid'], 3)} | {show(report['psnr'], 3)} | {show(report['ssim'], 3)} | {show(report['lpips'], 3)} |"
 
 
+def _mesh_and_local_batch(settings: EvalSettings):
+    """The (data, fsdp) mesh over every device, and this process's share of the batch."""
+    mesh = parallel.make_mesh(-1, 1)
+    if settings.batch_size % mesh.size:
+        raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
+    return mesh, settings.batch_size // jax.process_count()
+
+
+def _eval_batches(cfg: Config, settings: EvalSettings, local_batch: int) -> data.EvalIterator:
+    return data.eval_batches(cfg, size=settings.size, batch_size=local_batch, process_index=jax.process_index(),
+                             process_count=jax.process_count(), limit=settings.num_images)
+
+
 def latent_statistics(codec: Codec, cfg: Config, settings: EvalSettings, *, progress: bool = True) -> dict[str, Any]:
     """Per-channel and global mean/std of the latents (the posterior mode, or a sample with
     settings.sample_posterior) over cfg.data, and the factors a diffusion model would use:
     shift_factor = global mean, scaling_factor = 1 / global std (so (z - shift) * scale has
     zero mean and unit variance)."""
-    mesh = parallel.make_mesh(-1, 1)
-    if settings.batch_size % mesh.size:
-        raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
-    local_batch = settings.batch_size // jax.process_count()
+    mesh, local_batch = _mesh_and_local_batch(settings)
 
     @jax.jit
     def sums(params, images, mask, key):
@@ -199,8 +209,7 @@ def latent_statistics(codec: Codec, cfg: Config, settings: EvalSettings, *, prog
         return positions, jnp.sum(z, axis=(0, 1, 2)), jnp.sum(z * z, axis=(0, 1, 2))
 
     params = jax.device_put(codec.params, parallel.replicated(mesh))
-    batches = data.eval_batches(cfg, size=settings.size, batch_size=local_batch, process_index=jax.process_index(),
-                                process_count=jax.process_count(), limit=settings.num_images)
+    batches = _eval_batches(cfg, settings, local_batch)
     count, total, squares = 0.0, 0.0, 0.0
     key = jax.random.key(settings.seed)
     with batches:
@@ -235,10 +244,7 @@ def robustness(
     (z the posterior mode, std(z) the standard deviation of each image's latent, eps ~ N(0, I))
     for every sigma, and average PSNR (and LPIPS) of the decodings against the originals.
     Returns [{"sigma", "psnr", "lpips"}] in the order of `sigmas`."""
-    mesh = parallel.make_mesh(-1, 1)
-    if settings.batch_size % mesh.size:
-        raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
-    local_batch = settings.batch_size // jax.process_count()
+    mesh, local_batch = _mesh_and_local_batch(settings)
     lpips_graph, lpips_vars = _split(lpips)
 
     @jax.jit
@@ -255,8 +261,7 @@ def robustness(
 
     params = jax.device_put(codec.params, parallel.replicated(mesh))
     lpips_vars = jax.device_put(lpips_vars, parallel.replicated(mesh))
-    batches = data.eval_batches(cfg, size=settings.size, batch_size=local_batch, process_index=jax.process_index(),
-                                process_count=jax.process_count(), limit=settings.num_images)
+    batches = _eval_batches(cfg, settings, local_batch)
     totals = [{"psnr": 0.0, "lpips": 0.0} for _ in sigmas]
     count = 0
     key = jax.random.key(settings.seed)
@@ -275,3 +280,63 @@ def robustness(
         {"sigma": float(sigma), "psnr": t["psnr"] / count, "lpips": t["lpips"] / count if lpips is not None else None}
         for sigma, t in zip(sigmas, totals)
     ]
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in the order they were given."""
+    shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+def latent_figure_data(
+    codec: Codec, cfg: Config, settings: EvalSettings, *, num_shown: int = 4, max_values: int = 100_000, progress: bool = True
+) -> dict[str, Any]:
+    """What the latent figures need from one model over cfg.data (the latent is the posterior
+    mode, or a sample with settings.sample_posterior, unscaled):
+
+    "images", "reconstructions" (num_shown, H, W, 3) and "latents" (num_shown, h, w, C) of the
+    first num_shown images, for `viz.latent_pca_figure`; "values" (<= max_values, C): latent
+    positions drawn uniformly without replacement over all images (all of them when there are
+    no more than max_values; reservoir sampling, settings.seed), for `viz.latent_histogram_figure`;
+    "positions": how many latent positions were seen. With several processes each one samples
+    its own images."""
+    if num_shown < 1 or max_values < 1:
+        raise ValueError(f"num_shown={num_shown} and max_values={max_values} must both be at least 1")
+    mesh, local_batch = _mesh_and_local_batch(settings)
+
+    @jax.jit
+    def encode(params, images, key):
+        posterior = nnx.merge(codec.graphdef, params).posterior(images)
+        return posterior.sample(key) if settings.sample_posterior else posterior.mode()
+
+    params = jax.device_put(codec.params, parallel.replicated(mesh))
+    rng = np.random.default_rng(settings.seed)
+    shown: dict[str, list[np.ndarray]] = {"images": [], "reconstructions": [], "latents": []}
+    reservoir, seen = None, 0
+    key = jax.random.key(settings.seed)
+    batches = _eval_batches(cfg, settings, local_batch)
+    with batches:
+        for index, (images, n) in enumerate(tqdm(batches, unit="batch", disable=not (progress and jax.process_index() == 0))):
+            z = _local_rows(encode(params, parallel.global_batch(images, mesh), jax.random.fold_in(key, index)))[:n]
+            have = sum(len(a) for a in shown["images"])
+            if have < num_shown:
+                take = min(num_shown - have, n)
+                shown["images"].append(images[:take])
+                shown["reconstructions"].append(np.asarray(codec.decode(z[:take]), np.float32))  # only these are decoded
+                shown["latents"].append(z[:take].astype(np.float32))
+            rows = z.reshape(-1, z.shape[-1])
+            if reservoir is None:
+                reservoir = np.empty((max_values, rows.shape[1]), np.float32)
+            fill = min(max(max_values - seen, 0), len(rows))  # the reservoir's free places
+            reservoir[seen : seen + fill] = rows[:fill]
+            if fill < len(rows):  # row i (0-based over all rows) replaces a uniform slot with probability max_values/(i+1)
+                slots = rng.integers(0, np.arange(seen + fill, seen + len(rows)) + 1)
+                keep = slots < max_values
+                reservoir[slots[keep]] = rows[fill:][keep]
+            seen += len(rows)
+    if seen == 0:
+        raise ValueError("no readable image in the data")
+    figure_data = {name: np.concatenate(parts) for name, parts in shown.items()}
+    figure_data["values"] = reservoir[: min(seen, max_values)]
+    figure_data["positions"] = seen
+    return figure_data

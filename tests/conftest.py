@@ -33,3 +33,20 @@ def tiny_cfg() -> ModelConfig:
 def images(shape, seed=0) -> np.ndarray:
     """Uniform [-1, 1] float32 images of `shape` (B, H, W, C)."""
     return np.random.default_rng(seed).uniform(-1.0, 1.0, shape).astype(np.float32)
+
+
+def photo_folder_with_tiny_export(root, count: int):
+    """`count` small random-colour photos of varied sizes in `root` and a tiny random model's
+    params export beside them -> (export path, a config whose data section reads the folder)."""
+    from PIL import Image
+
+    from sigmavae_jax import api, checkpoint
+    from sigmavae_jax.config import Config, load_config
+
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        small = rng.uniform(0, 255, (5, 5, 3)).astype(np.uint8)
+        Image.fromarray(small).resize((40 + 3 * i, 36), Image.BICUBIC).save(root / f"{i:02d}.png")
+    model_cfg = load_config("tiny").model
+    export = checkpoint.save_params(root / "export", api.params_of(api.build_model(model_cfg, seed=2)), Config(model=model_cfg))
+    return export, load_config(None, [f"data.path={root}"])

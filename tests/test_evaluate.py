@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import sigmavae_jax
-from sigmavae_jax import api, checkpoint, data, metrics
-from sigmavae_jax.config import Config, load_config
+from conftest import photo_folder_with_tiny_export
+from sigmavae_jax import data, metrics
 from sigmavae_jax.evaluate import EvalSettings, evaluate, markdown_row
 from sigmavae_jax.models.lpips import load_lpips
 
@@ -37,14 +36,7 @@ class ToyFeatures(nnx.Module):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    rng = np.random.default_rng(1)
-    for i in range(IMAGES):
-        small = rng.uniform(0, 255, (5, 5, 3)).astype(np.uint8)
-        Image.fromarray(small).resize((40 + 3 * i, 36), Image.BICUBIC).save(root / f"{i:02d}.png")
-    model_cfg = load_config("tiny").model
-    export = checkpoint.save_params(root / "export", api.params_of(api.build_model(model_cfg, seed=2)), Config(model=model_cfg))
-    cfg = load_config(None, [f"data.path={root}"])
-    return root, export, cfg
+    return (root, *photo_folder_with_tiny_export(root, IMAGES))
 
 
 def test_metrics_match_per_image_references(setup):
