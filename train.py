@@ -1,76 +1,12 @@
 #!/usr/bin/env python
 """Train or fine-tune a Sigma-VAE: `python train.py --config configs/X.yaml [key=value ...]`.
 
-A thin shell over `sigmavae_jax.train.loop.train`; --help lists every config key.
+The command line is `sigmavae_jax.cli.train` (installed as `sigmavae-train`); --help lists every config key.
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 
-from sigmavae_jax.config import ConfigError, describe_keys, load_config
-
-EXAMPLES = """\
-examples:
-  # the CPU-sized demo model on a folder of images
-  python train.py --config configs/tiny.yaml data.path=photos/ workdir=runs/tiny
-
-  # the NextStep-1 recipe (decoder-only, L2 + LPIPS) from converted weights, on ImageNet via tfds
-  python train.py --config configs/nextstep1_f8c16.yaml --init out/nextstep1 \\
-      data.source=tfds data.name=imagenet2012 data.dir=/data/tfds workdir=runs/ns1
-
-  # a TPU VM pod slice: the same command on every host, plus --multihost
-  python train.py --config configs/sd.yaml --multihost data.source=tfds data.dir=gs://... workdir=gs://...
-
-Run the same command again to resume from the latest checkpoint in workdir.
-
-config keys (override any as key=value):
-"""
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description="Train a Sigma-VAE (AutoencoderKL + LPIPS + PatchGAN) with JAX.",
-        epilog=EXAMPLES + "\n".join(f"  {line}" for line in describe_keys()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", required=True, help="a YAML file or a name in configs/ (tiny, sd, nextstep1_f8c16, ...)")
-    parser.add_argument("--init", metavar="EXPORT", help="start from a params export (convert_torch_weights.py output)")
-    parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
-    parser.add_argument("--coordinator", metavar="HOST:PORT", help="explicit multi-process launch: the coordinator address")
-    parser.add_argument("--num-processes", type=int, help="explicit multi-process launch: number of processes")
-    parser.add_argument("--process-id", type=int, help="explicit multi-process launch: this process's index")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=1000")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # force: imported libraries (absl via grain) may already have configured the root logger
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from sigmavae_jax import parallel
-    from sigmavae_jax.train.loop import TrainingDiverged, train
-
-    if args.multihost or args.coordinator:
-        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    try:
-        result = train(cfg, init=args.init)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    print(f"{result.reason} at step {result.step}; workdir {result.workdir}" + (f"; params export {result.export}" if result.export else ""))
-    return 0
-
+from sigmavae_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())
