@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from fractions import Fraction
 from typing import Any, Callable
 
 import jax
@@ -21,8 +22,9 @@ from flax import nnx
 
 from sigmavae_jax.checkpoint import load_params
 from sigmavae_jax.config import Config, ModelConfig
-from sigmavae_jax.models import latent
+from sigmavae_jax.models import latent, layers
 from sigmavae_jax.models.autoencoder import AutoencoderKL
+from sigmavae_jax.tiling import Tiling, tiled_apply
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -125,11 +127,31 @@ class Codec:
     def model_config(self) -> ModelConfig:
         return self.config.model
 
-    def _apply(self, method: str) -> Callable:
+    tiling: Tiling = Tiling()
+
+    def _apply(self, method: str | Callable) -> Callable:
+        """A pure function (params, x) of the model's `method` (a name, or model, x -> y)."""
+
         def fn(params, x):
-            return getattr(nnx.merge(self.graphdef, params), method)(x)
+            model = nnx.merge(self.graphdef, params)
+            return method(model, x) if callable(method) else getattr(model, method)(x)
 
         return fn
+
+    def _tile_functions(self, method: Callable) -> tuple[Callable, Callable]:
+        """(record, apply) of `tiling.tiled_apply` for the model's local part `method`: jitted,
+        GroupNorm statistics recorded from or shared across tiles (layers.SharedGroupStats)."""
+
+        def run(params, x, weight, stats):
+            with layers.shared_group_stats(layers.SharedGroupStats(weight, stats)) as hook:
+                out = self._apply(method)(params, x)
+            return out, hook.records
+
+        record = jax.jit(lambda params, x, weight, stats: run(params, x, weight, stats)[1])
+        apply = jax.jit(lambda params, x, weight, stats: run(params, x, weight, stats)[0])
+        return (lambda x, weight, stats: record(self.params, x, weight, stats)), (
+            lambda x, weight, stats: apply(self.params, x, weight, stats)
+        )
 
     @property
     def encode_fn(self) -> Callable[[Any, jax.Array], jax.Array]:
@@ -144,19 +166,61 @@ class Codec:
         return lambda params, x: self.decode_fn(params, self.encode_fn(params, x))
 
     def __post_init__(self):
-        object.__setattr__(self, "_encode", jax.jit(self.encode_fn))
-        object.__setattr__(self, "_decode", jax.jit(self.decode_fn))
-        object.__setattr__(self, "_reconstruct", jax.jit(self.reconstruct_fn))
+        jitted = {
+            "_encode": self.encode_fn,
+            "_decode": self.decode_fn,
+            "_reconstruct": self.reconstruct_fn,
+            "_encode_global": self._apply(lambda m, h: m.posterior_from_features(h).mode()),
+            "_decode_global": self._apply("decode_bottleneck"),
+        }
+        for name, fn in jitted.items():
+            object.__setattr__(self, name, jax.jit(fn))
+        dtype = self.dtype
+        object.__setattr__(self, "_encode_tiles", self._tile_functions(
+            lambda m, x: m.encoder.downsample_features(x.astype(dtype))))
+        object.__setattr__(self, "_decode_tiles", self._tile_functions("decode_from_bottleneck"))
+
+    def with_tiling(self, mode: str = "always", **settings) -> "Codec":
+        """This codec with other tiling settings (see `tiling.Tiling`), e.g.
+        `codec.with_tiling("always", size=256, overlap=64)`; `with_tiling("never")` turns it off."""
+        return dataclasses.replace(self, tiling=Tiling(mode, **{**_tiling_settings(self.tiling), **settings}))
+
+    def _tiled(self, tiles: tuple[Callable, Callable], x: np.ndarray, tile: int, overlap: int, scale) -> np.ndarray:
+        record, apply = tiles
+        return tiled_apply(apply, x, tile=tile, overlap=overlap, scale=scale,
+                           record=record if self.tiling.shared_stats else None, stat_sweeps=self.tiling.stat_sweeps)
 
     def encode(self, x) -> jax.Array:
-        """(B, H, W, C) image in [-1, 1] -> (B, H/f, W/f, z) posterior mode, unscaled."""
-        return self._encode(self.params, jnp.asarray(x))
+        """(B, H, W, C) image in [-1, 1] -> (B, H/f, W/f, z) posterior mode, unscaled.
+        Large images go through in tiles (see `tiling`)."""
+        model = self.model_config
+        shape = np.shape(x)
+        nnx.merge(self.graphdef, self.params).check_image_shape(shape)
+        if not self.tiling.applies(shape[1], shape[2]):
+            return self._encode(self.params, jnp.asarray(x))
+        f = model.downsample_factor
+        self.tiling.check_multiple(f)
+        features = self._tiled(self._encode_tiles, np.asarray(x, np.float32), self.tiling.size,
+                               self.tiling.overlap, Fraction(1, f))
+        return self._encode_global(self.params, jnp.asarray(features))
 
     def decode(self, z) -> jax.Array:
-        """(B, h, w, z) unscaled latent -> (B, h*f, w*f, C) image."""
-        return self._decode(self.params, jnp.asarray(z))
+        """(B, h, w, z) unscaled latent -> (B, h*f, w*f, C) image. Large images are made in
+        tiles (see `tiling`)."""
+        f = self.model_config.downsample_factor
+        shape = np.shape(z)
+        nnx.merge(self.graphdef, self.params).check_latent_shape(shape)
+        if not self.tiling.applies(shape[1] * f, shape[2] * f):
+            return self._decode(self.params, jnp.asarray(z))
+        self.tiling.check_multiple(f)
+        bottleneck = np.asarray(self._decode_global(self.params, jnp.asarray(z)), np.float32)
+        image = self._tiled(self._decode_tiles, bottleneck, self.tiling.size // f, self.tiling.overlap // f, Fraction(f))
+        return jnp.asarray(image)
 
     def reconstruct(self, x) -> jax.Array:
+        shape = np.shape(x)
+        if len(shape) == 4 and self.tiling.applies(shape[1], shape[2]):
+            return self.decode(self.encode(x))
         return self._reconstruct(self.params, jnp.asarray(x))
 
     def scale(self, z) -> jax.Array:
@@ -168,17 +232,23 @@ class Codec:
         return latent.unscale_latent(jnp.asarray(z), cfg.scaling_factor, cfg.shift_factor)
 
 
-def codec_from_model(model: AutoencoderKL, config: Config) -> Codec:
+def codec_from_model(model: AutoencoderKL, config: Config, tiling: Tiling = Tiling()) -> Codec:
     graphdef, params = nnx.split(model)
-    return Codec(config=config, graphdef=graphdef, params=params, dtype=model.dtype)
+    return Codec(config=config, graphdef=graphdef, params=params, dtype=model.dtype, tiling=tiling)
 
 
-def load(path: str | pathlib.Path, *, dtype: str = "float32") -> Codec:
+def _tiling_settings(tiling: Tiling) -> dict[str, Any]:
+    return {f.name: getattr(tiling, f.name) for f in dataclasses.fields(tiling) if f.name != "mode"}
+
+
+def load(path: str | pathlib.Path, *, dtype: str = "float32", tiling: Tiling | str = "auto") -> Codec:
     """Loads a params export (written by convert_torch_weights.py or train.py) as a Codec.
 
     dtype: the compute dtype, "float32" or "bfloat16" (parameters stay as stored).
+    tiling: "auto" (tile images above 1024 x 1024 pixels), "always", "never", or a `Tiling`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} unknown; use one of {sorted(DTYPES)}")
+    tiling = tiling if isinstance(tiling, Tiling) else Tiling(tiling)
     params, config = load_params(path)
-    return codec_from_model(build_model(config.model, params, dtype=dtype), config)
+    return codec_from_model(build_model(config.model, params, dtype=dtype), config, tiling)

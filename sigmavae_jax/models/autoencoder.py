@@ -85,12 +85,19 @@ class Encoder(nnx.Module):
         self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
         self.conv_out = conv(block_in, 2 * cfg.z_channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def downsample_features(self, x: jax.Array) -> jax.Array:
+        """conv_in and the levels: the local part, (B, H/f, W/f, ch * ch_mult[-1])."""
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        h = self.mid(h)
-        return self.conv_out(nnx.silu(self.norm_out(h)))
+        return h
+
+    def moments_from_features(self, h: jax.Array) -> jax.Array:
+        """The mid block (global attention) and the output head."""
+        return self.conv_out(nnx.silu(self.norm_out(self.mid(h))))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.moments_from_features(self.downsample_features(x))
 
 
 class Decoder(nnx.Module):
@@ -115,12 +122,19 @@ class Decoder(nnx.Module):
         self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
         self.conv_out = conv(block_in, cfg.out_channels, 3, dtype=dtype, rngs=rngs)
 
-    def features(self, z: jax.Array) -> jax.Array:
-        """Everything up to conv_out: its input (B, H, W, ch * ch_mult[0])."""
-        h = self.mid(self.conv_in(z))
+    def bottleneck(self, z: jax.Array) -> jax.Array:
+        """conv_in and the mid block (global attention), at the latent resolution."""
+        return self.mid(self.conv_in(z))
+
+    def upsample_features(self, h: jax.Array) -> jax.Array:
+        """The levels and the norm: the local part, up to conv_out's input."""
         for level in reversed(self.up):
             h = level(h)
         return nnx.silu(self.norm_out(h))
+
+    def features(self, z: jax.Array) -> jax.Array:
+        """Everything up to conv_out: its input (B, H, W, ch * ch_mult[0])."""
+        return self.upsample_features(self.bottleneck(z))
 
     def __call__(self, z: jax.Array) -> jax.Array:
         return self.conv_out(self.features(z))
@@ -170,10 +184,18 @@ class AutoencoderKL(nnx.Module):
                 f"{-(-shape[1] // m) * m}x{-(-shape[2] // m) * m}"
             )
 
+    def check_latent_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 4 or shape[-1] != self.cfg.z_channels:
+            raise ValueError(f"latents must be NHWC with {self.cfg.z_channels} channels; got shape {shape}")
+
     def posterior(self, x: jax.Array) -> latent.Posterior:
         """Image (B, H, W, C) -> the posterior over latents (B, H/f, W/f, z)."""
         self.check_image_shape(x.shape)
-        moments = self.encoder(x.astype(self.dtype))
+        return self.posterior_from_features(self.encoder.downsample_features(x.astype(self.dtype)))
+
+    def posterior_from_features(self, h: jax.Array) -> latent.Posterior:
+        """The encoder's global part: `encoder.downsample_features` -> the posterior."""
+        moments = self.encoder.moments_from_features(h)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean, logvar = latent.split_moments(moments.astype(jnp.float32))
@@ -185,19 +207,24 @@ class AutoencoderKL(nnx.Module):
         """Image -> the posterior mode (diffusers' `latent_dist.mode()`), float32, unscaled."""
         return self.posterior(x).mode()
 
-    def decode_features(self, z: jax.Array) -> jax.Array:
-        """Latent -> the decoder's activations that feed conv_out (for the adaptive GAN weight)."""
+    def decode_bottleneck(self, z: jax.Array) -> jax.Array:
+        """The decoder's global part at the latent resolution (post_quant_conv, conv_in, mid)."""
         z = z.astype(self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder.features(z)
+        return self.decoder.bottleneck(z)
+
+    def decode_from_bottleneck(self, h: jax.Array) -> jax.Array:
+        """The decoder's local part: `decode_bottleneck` output -> image, float32."""
+        return self.decoder.conv_out(self.decoder.upsample_features(h)).astype(jnp.float32)
+
+    def decode_features(self, z: jax.Array) -> jax.Array:
+        """Latent -> the decoder's activations that feed conv_out (for the adaptive GAN weight)."""
+        return self.decoder.upsample_features(self.decode_bottleneck(z))
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Latent (B, h, w, z), unscaled -> image (B, h*f, w*f, C), float32."""
-        if z.ndim != 4 or z.shape[-1] != self.cfg.z_channels:
-            raise ValueError(
-                f"latents must be NHWC with {self.cfg.z_channels} channels; got shape {z.shape}"
-            )
+        self.check_latent_shape(z.shape)
         return self.decoder.conv_out(self.decode_features(z)).astype(jnp.float32)
 
     def __call__(

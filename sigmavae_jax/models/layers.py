@@ -7,11 +7,66 @@ Parameters are float32; `dtype` is the compute dtype. GroupNorm always computes 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Dtype = jnp.dtype | type
+
+
+@dataclasses.dataclass
+class SharedGroupStats:
+    """Lets tiles of one image normalise with the image's GroupNorm statistics.
+
+    While active (see `shared_group_stats`), every GroupNorm call, in call order, normalises
+    with `stats[i]` (mean, var), each (B, groups), when given, else with its own statistics,
+    and records its input's statistics weighted by `weight` (the tile's blend weights at the
+    largest resolution, average-pooled to the layer's): (weight sum, mean, sum of weighted
+    squared deviations), each (B, groups), so tiles combine exactly (Chan et al.).
+    """
+
+    weight: jax.Array | None  # (H, W) at the largest resolution the model sees; None: no records
+    stats: list[tuple[jax.Array, jax.Array]] | None = None
+    records: list[tuple[jax.Array, jax.Array, jax.Array]] = dataclasses.field(default_factory=list)
+    calls: int = 0
+
+    def normalize(self, norm: "GroupNorm", x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        groups = norm.num_groups
+        xg = x.reshape(b, h, w, groups, c // groups)
+        index = self.calls
+        self.calls += 1
+        if self.weight is not None:
+            pool = self.weight.shape[0] // h
+            weight = self.weight.reshape(h, pool, w, pool).mean((1, 3))[None, :, :, None, None]
+            weight_sum = weight.sum() * (c // groups)
+            tile_mean = (xg * weight).sum((1, 2, 4)) / weight_sum
+            deviation = ((xg - tile_mean[:, None, None, :, None]) ** 2 * weight).sum((1, 2, 4))
+            self.records.append((jnp.broadcast_to(weight_sum, tile_mean.shape), tile_mean, deviation))
+        if self.stats is None:
+            mean = xg.mean((1, 2, 4))
+            var = ((xg - mean[:, None, None, :, None]) ** 2).mean((1, 2, 4))
+        else:
+            mean, var = self.stats[index]
+        y = (xg - mean[:, None, None, :, None]) * jax.lax.rsqrt(var + norm.epsilon)[:, None, None, :, None]
+        return y.reshape(b, h, w, c) * norm.scale[...] + norm.bias[...]
+
+
+_shared_stats: contextvars.ContextVar[SharedGroupStats | None] = contextvars.ContextVar("shared_group_stats", default=None)
+
+
+@contextlib.contextmanager
+def shared_group_stats(hook: SharedGroupStats):
+    """Within this block (while tracing), GroupNorms normalise and record through `hook`."""
+    token = _shared_stats.set(hook)
+    try:
+        yield hook
+    finally:
+        _shared_stats.reset(token)
 
 
 class GroupNorm(nnx.GroupNorm):
@@ -28,6 +83,9 @@ class GroupNorm(nnx.GroupNorm):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        hook = _shared_stats.get()
+        if hook is not None:
+            return hook.normalize(self, x.astype(jnp.float32)).astype(x.dtype)
         return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -95,8 +153,25 @@ class AttnBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         tokens = self.norm(x).reshape(b, h * w, 1, c)  # (B, H*W, heads=1, C)
-        out = jax.nn.dot_product_attention(self.q(tokens), self.k(tokens), self.v(tokens))
+        out = attention(self.q(tokens), self.k(tokens), self.v(tokens))
         return x + self.proj_out(out.reshape(b, h, w, c))
+
+
+QUERY_BLOCK = 1024
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention, (B, N, heads, C). Past 4 query blocks of tokens (a 512 x 512 image at
+    f8) the queries go through in blocks, so memory grows as N * QUERY_BLOCK instead of N^2:
+    a 2048 x 2048 image at f8 has 65536 tokens, whose full logits would take 16 GiB."""
+    b, n, heads, c = q.shape
+    if n <= 4 * QUERY_BLOCK:
+        return jax.nn.dot_product_attention(q, k, v)
+    blocks = -(-n // QUERY_BLOCK)
+    q = jnp.pad(q, ((0, 0), (0, blocks * QUERY_BLOCK - n), (0, 0), (0, 0)))
+    q = q.reshape(b, blocks, QUERY_BLOCK, heads, c).swapaxes(0, 1)
+    out = jax.lax.map(lambda block: jax.nn.dot_product_attention(block, k, v), q)
+    return out.swapaxes(0, 1).reshape(b, blocks * QUERY_BLOCK, heads, c)[:, :n]
 
 
 class Downsample(nnx.Module):
