@@ -14,31 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import pathlib
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 
-from sigmavae_jax import api, losses, parallel
-from sigmavae_jax.config import load_config
-from sigmavae_jax.convert import diffusers_config, to_diffusers_state_dict
-from sigmavae_jax.models.lpips import load_lpips
-from sigmavae_jax.train import state as train_state
-from sigmavae_jax.train.step import compile_train_step, make_train_step
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from common import alternate, median_time, torch_twin  # noqa: E402
 
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from sigmavae_jax import api, losses, parallel  # noqa: E402
+from sigmavae_jax.config import load_config  # noqa: E402
+from sigmavae_jax.models.lpips import load_lpips  # noqa: E402
+from sigmavae_jax.train import state as train_state  # noqa: E402
+from sigmavae_jax.train.step import compile_train_step, make_train_step  # noqa: E402
 
 
 def bench_step(name: str, overrides: list[str], repeats: int, lpips) -> dict[str, float]:
@@ -70,8 +63,7 @@ def bench_vae_vs_torch(size: int, batch: int, repeats: int) -> dict[str, float]:
     cfg = load_config("sd").model
     model = api.build_model(cfg, seed=0)
     params = api.params_of(model)
-    torch_vae = TorchAutoencoderKL(**diffusers_config(cfg))
-    torch_vae.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_diffusers_state_dict(params, cfg).items()})
+    torch_vae = torch_twin(cfg, params)
     torch_vae.train()
     x_np = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
     graph, state = nnx.split(model)
@@ -99,12 +91,7 @@ def bench_vae_vs_torch(size: int, batch: int, repeats: int) -> dict[str, float]:
         loss = (x_torch - x_hat).abs().mean() + 1e-6 * posterior.kl().mean()
         loss.backward()
 
-    run_jax(), run_torch()  # compile / warm up
-    jax_times, torch_times = [], []
-    for _ in range(repeats):  # alternate so both see the same machine state
-        jax_times.append(median_time(run_jax, 1))
-        torch_times.append(median_time(run_torch, 1))
-    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+    jax_s, torch_s = alternate(run_jax, run_torch, repeats)
     return {"jax_s": jax_s, "torch_s": torch_s, "ratio": torch_s / jax_s}
 
 

@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = jnp.dtype | type
@@ -186,13 +187,60 @@ class Downsample(nnx.Module):
         return self.conv(x)
 
 
+# Along one axis, nearest x2 followed by a 3-tap filter (padding 1) is, for even outputs 2i,
+# the taps (k0, k1 + k2) on inputs (i - 1, i) and, for odd outputs 2i + 1, (k0 + k1, k2) on
+# (i, i + 1). Rows: output phase; columns: the 3 taps folded into 2.
+_PHASE_TAPS = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], np.float32)
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _upsampled_conv_reference(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Nearest x2, then the 3x3 conv (padding 1), as written."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def upsampled_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`_upsampled_conv_reference` without the x2 image: each of the four output phases is a
+    2x2 conv of the input with taps folded from the 3x3 kernel, all four as one conv with 4x
+    the output channels: 16 instead of 36 multiply-adds per input pixel and channel pair.
+
+    Only the forward pass: XLA's CPU gradient of that 2x2, 4x-wide conv runs 30x slower than
+    the gradient of the written form, so the backward pass differentiates the written form.
+    """
+    b, h, w, _ = x.shape
+    c_out = kernel.shape[-1]
+    # (a, b): output row/column phase; (p, q): the 2x2 taps; (i, j): the 3x3 taps
+    phases = jnp.einsum("api,bqj,ijco->pqcabo", _PHASE_TAPS, _PHASE_TAPS, kernel)
+    phases = phases.reshape(2, 2, kernel.shape[2], 4 * c_out).astype(kernel.dtype)
+    y = jax.lax.conv_general_dilated(x, phases, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+    # (B, H + 1, W + 1, 4 * C_out): phase (a, b) of output pixel (i, j) sits at (i + a, j + b)
+    y = y.reshape(b, h + 1, w + 1, 2, 2, c_out)
+    rows = [jnp.stack([y[:, a : a + h, c : c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c_out)  # (B, H, 2, W, 2, C) -> (B, 2H, 2W, C)
+
+
+def _upsampled_conv_forward(x, kernel):
+    return upsampled_conv(x, kernel), (x, kernel)
+
+
+def _upsampled_conv_backward(saved, cotangent):
+    return jax.vjp(_upsampled_conv_reference, *saved)[1](cotangent)
+
+
+upsampled_conv.defvjp(_upsampled_conv_forward, _upsampled_conv_backward)
+
+
 class Upsample(nnx.Module):
-    """Nearest-neighbour x2, then conv3x3."""
+    """Nearest-neighbour x2, then conv3x3 (parameters as in the checkpoints; computed by
+    `upsampled_conv`)."""
 
     def __init__(self, channels: int, *, dtype: Dtype, rngs: nnx.Rngs):
         self.conv = conv(channels, channels, 3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))  # (B, H, 2, W, 2, C)
-        return self.conv(x.reshape(b, 2 * h, 2 * w, c))
+        dtype = self.conv.dtype
+        out = upsampled_conv(x.astype(dtype), self.conv.kernel[...].astype(dtype))
+        return out + self.conv.bias[...].astype(out.dtype)

@@ -1,0 +1,71 @@
+"""What the benchmarks share: timing, the torch twin of a model, the matmul roofline."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def alternate(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of `first` and `second`, timed turn by turn after one warm-up call each,
+    so both see the same machine state (clock, caches, other load)."""
+    first(), second()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(median_time(first, 1))
+        b.append(median_time(second, 1))
+    return statistics.median(a), statistics.median(b)
+
+
+def torch_twin(cfg, params):
+    """diffusers' torch AutoencoderKL holding the same weights as our model (`params`)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sigmavae_jax.convert import diffusers_config, to_diffusers_state_dict
+
+    twin = AutoencoderKL(**diffusers_config(cfg))
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_diffusers_state_dict(params, cfg).items()}
+    twin.load_state_dict(state)
+    return twin
+
+
+def matmul_roofline(dtype=jnp.float32, repeats: int = 3) -> float:
+    """The best GFLOP/s XLA reaches on large matrix products of `dtype` on this device: the
+    ceiling a convolution network can approach (its convolutions are matrix products)."""
+    best = 0.0
+    for m, k, n in ((4096, 2304, 256), (16384, 1152, 128), (2048, 2048, 2048)):
+        a = jnp.asarray(np.random.default_rng(0).normal(size=(m, k)), dtype)
+        b = jnp.asarray(np.random.default_rng(1).normal(size=(k, n)), dtype)
+        product = jax.jit(jnp.matmul)
+        jax.block_until_ready(product(a, b))
+        seconds = median_time(lambda: jax.block_until_ready(product(a, b)), repeats)
+        best = max(best, 2 * m * k * n / seconds / 1e9)
+    return best
+
+
+def flops(compiled) -> float:
+    """FLOPs of a compiled XLA program from its cost analysis."""
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
+def peak_bytes(compiled) -> int:
+    """XLA's planned peak: arguments + outputs + temporaries of a compiled program."""
+    memory = compiled.memory_analysis()
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes)
