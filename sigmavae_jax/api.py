@@ -109,6 +109,20 @@ def build_model(cfg: ModelConfig, params: dict[Any, Any] | None = None, *, dtype
     return model
 
 
+def one_image_at_a_time(fn: Callable) -> Callable:
+    """On CPU, `fn(params, x)` over the batch one image after another (`lax.map`): XLA's CPU
+    convolutions slow down per image as tensors outgrow the caches (SD decode at 256 x 256:
+    0.34 images/s at batch 1, 0.29 at batch 4), and every image is independent (GroupNorm is
+    per image), so the result is the same. Accelerators keep the whole batch."""
+
+    def mapped(params, x):
+        if jax.default_backend() != "cpu" or x.shape[0] == 1:
+            return fn(params, x)
+        return jax.lax.map(lambda image: fn(params, image[None])[0], x)
+
+    return mapped
+
+
 @dataclasses.dataclass(frozen=True)
 class Codec:
     """A loaded VAE. `encode`/`decode`/`reconstruct` are jit-compiled; `encode_fn(params, x)`
@@ -167,9 +181,9 @@ class Codec:
 
     def __post_init__(self):
         jitted = {
-            "_encode": self.encode_fn,
-            "_decode": self.decode_fn,
-            "_reconstruct": self.reconstruct_fn,
+            "_encode": one_image_at_a_time(self.encode_fn),
+            "_decode": one_image_at_a_time(self.decode_fn),
+            "_reconstruct": one_image_at_a_time(self.reconstruct_fn),
             "_encode_global": self._apply(lambda m, h: m.posterior_from_features(h).mode()),
             "_decode_global": self._apply("decode_bottleneck"),
         }
