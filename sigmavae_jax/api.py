@@ -23,7 +23,7 @@ from flax import nnx
 from sigmavae_jax.checkpoint import load_params
 from sigmavae_jax.config import Config, ModelConfig
 from sigmavae_jax.models import latent, layers
-from sigmavae_jax.models.autoencoder import AutoencoderKL
+from sigmavae_jax.models.autoencoder import AutoencoderKL, check_image_shape, check_latent_shape
 from sigmavae_jax.tiling import Tiling, tiled_apply
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -197,7 +197,7 @@ class Codec:
     def with_tiling(self, mode: str = "always", **settings) -> "Codec":
         """This codec with other tiling settings (see `tiling.Tiling`), e.g.
         `codec.with_tiling("always", size=256, overlap=64)`; `with_tiling("never")` turns it off."""
-        return dataclasses.replace(self, tiling=Tiling(mode, **{**_tiling_settings(self.tiling), **settings}))
+        return dataclasses.replace(self, tiling=dataclasses.replace(self.tiling, mode=mode, **settings))
 
     def _tiled(self, tiles: tuple[Callable, Callable], x: np.ndarray, tile: int, overlap: int, scale) -> np.ndarray:
         record, apply = tiles
@@ -207,12 +207,11 @@ class Codec:
     def encode(self, x) -> jax.Array:
         """(B, H, W, C) image in [-1, 1] -> (B, H/f, W/f, z) posterior mode, unscaled.
         Large images go through in tiles (see `tiling`)."""
-        model = self.model_config
         shape = np.shape(x)
-        nnx.merge(self.graphdef, self.params).check_image_shape(shape)
+        check_image_shape(self.model_config, shape)
         if not self.tiling.applies(shape[1], shape[2]):
             return self._encode(self.params, jnp.asarray(x))
-        f = model.downsample_factor
+        f = self.model_config.downsample_factor
         self.tiling.check_multiple(f)
         features = self._tiled(self._encode_tiles, np.asarray(x, np.float32), self.tiling.size,
                                self.tiling.overlap, Fraction(1, f))
@@ -223,7 +222,7 @@ class Codec:
         tiles (see `tiling`)."""
         f = self.model_config.downsample_factor
         shape = np.shape(z)
-        nnx.merge(self.graphdef, self.params).check_latent_shape(shape)
+        check_latent_shape(self.model_config, shape)
         if not self.tiling.applies(shape[1] * f, shape[2] * f):
             return self._decode(self.params, jnp.asarray(z))
         self.tiling.check_multiple(f)
@@ -249,10 +248,6 @@ class Codec:
 def codec_from_model(model: AutoencoderKL, config: Config, tiling: Tiling = Tiling()) -> Codec:
     graphdef, params = nnx.split(model)
     return Codec(config=config, graphdef=graphdef, params=params, dtype=model.dtype, tiling=tiling)
-
-
-def _tiling_settings(tiling: Tiling) -> dict[str, Any]:
-    return {f.name: getattr(tiling, f.name) for f in dataclasses.fields(tiling) if f.name != "mode"}
 
 
 def load(path: str | pathlib.Path, *, dtype: str = "float32", tiling: Tiling | str = "auto") -> Codec:

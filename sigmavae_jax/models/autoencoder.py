@@ -140,6 +140,35 @@ class Decoder(nnx.Module):
         return self.conv_out(self.features(z))
 
 
+def check_image_shape(cfg: ModelConfig, shape: tuple[int, ...]) -> None:
+    """Raises ValueError unless `shape` is (B, H, W, in_channels) with H, W multiples of
+    the model's spatial factor."""
+    if len(shape) != 4:
+        raise ValueError(f"images must be NHWC (batch, height, width, channels); got shape {shape}")
+    if shape[-1] != cfg.in_channels:
+        hint = (
+            " (this looks like NCHW: transpose with x.transpose(0, 2, 3, 1))"
+            if shape[1] == cfg.in_channels
+            else ""
+        )
+        raise ValueError(
+            f"images must have {cfg.in_channels} channels last; got shape {shape}{hint}"
+        )
+    m = cfg.spatial_multiple
+    if shape[1] % m or shape[2] % m:
+        raise ValueError(
+            f"image height and width must be multiples of {m} for this model; got "
+            f"{shape[1]}x{shape[2]}. Pad or crop to e.g. "
+            f"{-(-shape[1] // m) * m}x{-(-shape[2] // m) * m}"
+        )
+
+
+def check_latent_shape(cfg: ModelConfig, shape: tuple[int, ...]) -> None:
+    """Raises ValueError unless `shape` is (B, h, w, z_channels)."""
+    if len(shape) != 4 or shape[-1] != cfg.z_channels:
+        raise ValueError(f"latents must be NHWC with {cfg.z_channels} channels; got shape {shape}")
+
+
 class AutoencoderKL(nnx.Module):
     """The LDM KL autoencoder with the posterior, latent norm and Sigma-VAE noise of `cfg`.
 
@@ -161,36 +190,9 @@ class AutoencoderKL(nnx.Module):
             else None
         )
 
-    def check_image_shape(self, shape: tuple[int, ...]) -> None:
-        """Raises ValueError unless `shape` is (B, H, W, in_channels) with H, W multiples of
-        the model's spatial factor."""
-        cfg = self.cfg
-        if len(shape) != 4:
-            raise ValueError(f"images must be NHWC (batch, height, width, channels); got shape {shape}")
-        if shape[-1] != cfg.in_channels:
-            hint = (
-                " (this looks like NCHW: transpose with x.transpose(0, 2, 3, 1))"
-                if shape[1] == cfg.in_channels
-                else ""
-            )
-            raise ValueError(
-                f"images must have {cfg.in_channels} channels last; got shape {shape}{hint}"
-            )
-        m = cfg.spatial_multiple
-        if shape[1] % m or shape[2] % m:
-            raise ValueError(
-                f"image height and width must be multiples of {m} for this model; got "
-                f"{shape[1]}x{shape[2]}. Pad or crop to e.g. "
-                f"{-(-shape[1] // m) * m}x{-(-shape[2] // m) * m}"
-            )
-
-    def check_latent_shape(self, shape: tuple[int, ...]) -> None:
-        if len(shape) != 4 or shape[-1] != self.cfg.z_channels:
-            raise ValueError(f"latents must be NHWC with {self.cfg.z_channels} channels; got shape {shape}")
-
     def posterior(self, x: jax.Array) -> latent.Posterior:
         """Image (B, H, W, C) -> the posterior over latents (B, H/f, W/f, z)."""
-        self.check_image_shape(x.shape)
+        check_image_shape(self.cfg, x.shape)
         return self.posterior_from_features(self.encoder.downsample_features(x.astype(self.dtype)))
 
     def posterior_from_features(self, h: jax.Array) -> latent.Posterior:
@@ -224,7 +226,7 @@ class AutoencoderKL(nnx.Module):
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Latent (B, h, w, z), unscaled -> image (B, h*f, w*f, C), float32."""
-        self.check_latent_shape(z.shape)
+        check_latent_shape(self.cfg, z.shape)
         return self.decoder.conv_out(self.decode_features(z)).astype(jnp.float32)
 
     def __call__(

@@ -194,13 +194,6 @@ _PHASE_TAPS = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _upsampled_conv_reference(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Nearest x2, then the 3x3 conv (padding 1), as written."""
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
-
-
 def _phase_kernel(kernel: jax.Array) -> jax.Array:
     """(3, 3, C_in, C_out) -> the (2, 2, C_in, 4 * C_out) kernel of the four output phases."""
     # (a, b): output row/column phase; (p, q): the 2x2 taps; (i, j): the 3x3 taps
@@ -210,7 +203,7 @@ def _phase_kernel(kernel: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def upsampled_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`_upsampled_conv_reference` without the x2 image: each of the four output phases is a
+    """Nearest x2, then a 3x3 conv (padding 1), without the x2 image: each of the four output phases is a
     2x2 conv of the input with taps folded from the 3x3 kernel, all four as one conv with 4x
     the output channels: 16 instead of 36 multiply-adds per input pixel and channel pair.
     The gradients (`_upsampled_conv_backward`) are taken the same way."""
