@@ -22,6 +22,7 @@ from flax import nnx
 
 from sigmavae_jax.checkpoint import load_params
 from sigmavae_jax.config import Config, ModelConfig
+from sigmavae_jax.messages import listing
 from sigmavae_jax.models import latent, layers
 from sigmavae_jax.models.autoencoder import AutoencoderKL, check_image_shape, check_latent_shape
 from sigmavae_jax.tiling import Tiling, tiled_apply
@@ -74,20 +75,12 @@ def check_params(params: dict[Any, Any], cfg: ModelConfig) -> None:
         return
     name = lambda p: "/".join(map(str, p))  # noqa: E731
     lines = ["params do not fit the model config:"]
-    for title, paths, show in (
-        ("missing", missing, lambda p: f"{name(p)} expected {tuple(expected[p].shape)}"),
-        ("unexpected", unexpected, lambda p: f"{name(p)} {tuple(np.shape(given[p]))}"),
-        (
-            "mis-shaped",
-            misshaped,
-            lambda p: f"{name(p)} got {tuple(np.shape(given[p]))}, expected {tuple(expected[p].shape)}",
-        ),
-    ):
-        if paths:
-            lines.append(f"  {len(paths)} {title}:")
-            lines += [f"    {show(p)}" for p in paths[:20]]
-            if len(paths) > 20:
-                lines.append(f"    ... and {len(paths) - 20} more")
+    lines += listing("missing", [f"{name(p)} expected {tuple(expected[p].shape)}" for p in missing])
+    lines += listing("unexpected", [f"{name(p)} {tuple(np.shape(given[p]))}" for p in unexpected])
+    lines += listing(
+        "mis-shaped",
+        [f"{name(p)} got {tuple(np.shape(given[p]))}, expected {tuple(expected[p].shape)}" for p in misshaped],
+    )
     raise ValueError("\n".join(lines))
 
 

@@ -21,8 +21,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sigmavae_jax.convert.errors import ConversionError, listing, shape_str
+from sigmavae_jax.convert.errors import ConversionError, shape_str
 from sigmavae_jax.convert.lpips_torch import read_torch_state_dict
+from sigmavae_jax.messages import listing
 from sigmavae_jax.models.inception import (
     FEATURE_DIM,
     TORCH_WEIGHTS_NAME,

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sigmavae_jax.convert.errors import ConversionError, listing, shape_str
+from sigmavae_jax.convert.errors import ConversionError, shape_str
+from sigmavae_jax.messages import listing
 from sigmavae_jax.models.lpips import (
     NUM_CONVS,
     VGG16_STAGES,

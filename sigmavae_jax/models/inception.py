@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sigmavae_jax.messages import listing
 from sigmavae_jax.models import weight_files
 
 Precision = str | jax.lax.Precision | None
@@ -204,15 +205,6 @@ def inception_weight_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _listing(title: str, items: list[str], limit: int = 20) -> list[str]:
-    if not items:
-        return []
-    lines = [f"  {len(items)} {title}:"] + [f"    {item}" for item in items[:limit]]
-    if len(items) > limit:
-        lines.append(f"    ... and {len(items) - limit} more")
-    return lines
-
-
 def check_inception_weights(arrays: Mapping[str, Any], source: str) -> None:
     """Raises ValueError listing missing, unexpected, mis-shaped and non-float keys of `arrays`,
     and BatchNorm variances below zero (they would turn the features into NaN).
@@ -238,11 +230,11 @@ def check_inception_weights(arrays: Mapping[str, Any], source: str) -> None:
     if not (missing or unexpected or misshaped or not_float or negative_var):
         return
     lines = [f"{source}: not FID Inception-v3 weights in the sigmavae_jax layout:"]
-    lines += _listing("missing keys", missing)
-    lines += _listing("unexpected keys", unexpected)
-    lines += _listing("mis-shaped", misshaped)
-    lines += _listing("not floating point", not_float)
-    lines += _listing("BatchNorm variances with negative entries", negative_var)
+    lines += listing("missing keys", missing)
+    lines += listing("unexpected keys", unexpected)
+    lines += listing("mis-shaped", misshaped)
+    lines += listing("not floating point", not_float)
+    lines += listing("BatchNorm variances with negative entries", negative_var)
     lines.append(f"  {HOW_TO_GET_WEIGHTS}")
     raise ValueError("\n".join(lines))
 

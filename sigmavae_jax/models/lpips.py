@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sigmavae_jax.messages import listing
 from sigmavae_jax.models import weight_files
 
 Dtype = jnp.dtype | type
@@ -108,17 +109,10 @@ def check_lpips_weights(arrays: Mapping[str, Any], source: str) -> None:
     if not (missing or unexpected or misshaped or not_float):
         return
     lines = [f"{source}: not LPIPS VGG16 weights in the sigmavae_jax layout:"]
-    for title, items in (
-        ("missing keys", [f"{k} expected {expected[k]}" for k in missing]),
-        ("unexpected keys", unexpected),
-        ("mis-shaped", misshaped),
-        ("not floating point", not_float),
-    ):
-        if items:
-            lines.append(f"  {len(items)} {title}:")
-            lines += [f"    {item}" for item in items[:20]]
-            if len(items) > 20:
-                lines.append(f"    ... and {len(items) - 20} more")
+    lines += listing("missing keys", [f"{k} expected {expected[k]}" for k in missing])
+    lines += listing("unexpected keys", unexpected)
+    lines += listing("mis-shaped", misshaped)
+    lines += listing("not floating point", not_float)
     lines.append(f"  {HOW_TO_GET_WEIGHTS}")
     raise ValueError("\n".join(lines))
 
