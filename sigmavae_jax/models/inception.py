@@ -509,17 +509,15 @@ class FIDInception(nnx.Module):
 # pretrained weights, and loading them here keeps the layout and its checks in one place.)
 
 
-def _check_suffix(path: pathlib.Path) -> None:
-    weight_files.check_suffix(path, "Inception", INCEPTION_FIX)
+INCEPTION_FILES = weight_files.WeightFormat(
+    "Inception", INCEPTION_FIX, HOW_TO_GET_WEIGHTS, check_inception_weights, inception_weight_shapes,
+    {"format": "sigmavae_jax.inception", "net": "fid_inception_v3"},
+)
 
 
 def read_inception_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The checked float32 arrays of an Inception weight file (`.npz` or `.safetensors`)."""
-    path = pathlib.Path(path)
-    _check_suffix(path)
-    arrays = weight_files.read_arrays(path, "Inception", HOW_TO_GET_WEIGHTS)
-    check_inception_weights(arrays, source=str(path))
-    return {key: np.asarray(value, np.float32) for key, value in arrays.items()}
+    return INCEPTION_FILES.read(path)
 
 
 def save_inception_weights(path: str | os.PathLike, arrays: Mapping[str, Any]) -> pathlib.Path:
@@ -527,11 +525,7 @@ def save_inception_weights(path: str | os.PathLike, arrays: Mapping[str, Any]) -
 
     The file appears whole or not at all (written to a temporary name, then renamed).
     """
-    path = pathlib.Path(path)
-    _check_suffix(path)
-    check_inception_weights(arrays, source=f"arrays to save to {path}")
-    ordered = {key: arrays[key] for key in inception_weight_shapes()}
-    return weight_files.write_arrays(path, ordered, {"format": "sigmavae_jax.inception", "net": "fid_inception_v3"})
+    return INCEPTION_FILES.save(path, arrays)
 
 
 def load_inception(

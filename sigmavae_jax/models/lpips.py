@@ -307,17 +307,15 @@ class LPIPS(nnx.Module):
 # weights, and loading them here keeps the layout and its checks in one place.)
 
 
-def _check_suffix(path: pathlib.Path) -> None:
-    weight_files.check_suffix(path, "LPIPS", LPIPS_FIX)
+LPIPS_FILES = weight_files.WeightFormat(
+    "LPIPS", LPIPS_FIX, HOW_TO_GET_WEIGHTS, check_lpips_weights, lpips_weight_shapes,
+    {"format": "sigmavae_jax.lpips", "net": "vgg16", "version": "0.1"},
+)
 
 
 def read_lpips_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The checked float32 arrays of an LPIPS weight file (`.npz` or `.safetensors`)."""
-    path = pathlib.Path(path)
-    _check_suffix(path)
-    arrays = weight_files.read_arrays(path, "LPIPS", HOW_TO_GET_WEIGHTS)
-    check_lpips_weights(arrays, source=str(path))
-    return {key: np.asarray(value, np.float32) for key, value in arrays.items()}
+    return LPIPS_FILES.read(path)
 
 
 def save_lpips_weights(path: str | os.PathLike, arrays: Mapping[str, Any]) -> pathlib.Path:
@@ -325,11 +323,7 @@ def save_lpips_weights(path: str | os.PathLike, arrays: Mapping[str, Any]) -> pa
 
     The file appears whole or not at all (written to a temporary name, then renamed).
     """
-    path = pathlib.Path(path)
-    _check_suffix(path)
-    check_lpips_weights(arrays, source=f"arrays to save to {path}")
-    ordered = {key: arrays[key] for key in lpips_weight_shapes()}
-    return weight_files.write_arrays(path, ordered, {"format": "sigmavae_jax.lpips", "net": "vgg16", "version": "0.1"})
+    return LPIPS_FILES.save(path, arrays)
 
 
 @functools.cache

@@ -6,10 +6,11 @@ float32 arrays in `.npz` or `.safetensors`, read without pickle and written atom
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -60,3 +61,36 @@ def write_arrays(path: pathlib.Path, arrays: Mapping[str, Any], metadata: dict[s
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """One network's weight files: what they hold, how they are checked and written.
+
+    what: the network's name in messages; fix: what to do about a wrong suffix; how_to_get:
+    where weights come from; check(arrays, source=...) raises on a wrong layout; shapes():
+    the keys in file order; metadata: written into safetensors headers.
+    """
+
+    what: str
+    fix: str
+    how_to_get: str
+    check: Callable[..., None]
+    shapes: Callable[[], Mapping[str, tuple[int, ...]]]
+    metadata: dict[str, str]
+
+    def read(self, path: str | os.PathLike) -> dict[str, np.ndarray]:
+        """The checked float32 arrays of a `.npz` or `.safetensors` file."""
+        path = pathlib.Path(path)
+        check_suffix(path, self.what, self.fix)
+        arrays = read_arrays(path, self.what, self.how_to_get)
+        self.check(arrays, source=str(path))
+        return {key: np.asarray(value, np.float32) for key, value in arrays.items()}
+
+    def save(self, path: str | os.PathLike, arrays: Mapping[str, Any]) -> pathlib.Path:
+        """Writes checked arrays to `path` (`.npz` or `.safetensors`, float32, in file order);
+        the file appears whole or not at all. Returns the path."""
+        path = pathlib.Path(path)
+        check_suffix(path, self.what, self.fix)
+        self.check(arrays, source=f"arrays to save to {path}")
+        return write_arrays(path, {key: arrays[key] for key in self.shapes()}, self.metadata)
