@@ -40,7 +40,7 @@ import math
 import os
 import pathlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import grain
