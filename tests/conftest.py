@@ -10,14 +10,19 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 # Tests compile the same functions more than once (fresh closures, several tests): a
-# session-wide persistent cache turns the repeats into cache hits.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sigmavae_jax_cache_"))
+# session-wide persistent cache turns the repeats into cache hits. It grows to ~0.5 GB per
+# run, so it goes when the run ends.
+_compilation_cache = tempfile.mkdtemp(prefix="sigmavae_jax_cache_")
+atexit.register(shutil.rmtree, _compilation_cache, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _compilation_cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 import pytest  # noqa: E402
 
