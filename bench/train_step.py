@@ -25,7 +25,7 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from common import alternate, flops, median_time, torch_device, torch_synced, torch_twin  # noqa: E402
+from common import alternate, flops, matmul_roofline, median_time, torch_device, torch_synced, torch_twin  # noqa: E402
 
 from sigmavae_jax import api, losses, parallel  # noqa: E402
 from sigmavae_jax.config import load_config  # noqa: E402
@@ -95,7 +95,8 @@ def bench_vae_vs_torch(size: int, batch: int, repeats: int, dtype: str = "float3
         loss.backward()
 
     jax_s, torch_s = alternate(run_jax, torch_synced(run_torch), repeats)
-    return {"jax_s": jax_s, "torch_s": torch_s, "ratio": torch_s / jax_s}
+    gflop = flops(jax_grads.lower(state, x_jax, key).compile()) / 1e9
+    return {"jax_s": jax_s, "torch_s": torch_s, "ratio": torch_s / jax_s, "gflop": gflop}
 
 
 def lpips_for_timing():
@@ -114,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny config only (seconds, for a smoke test)")
+    parser.add_argument("--vae-only", action="store_true", help="only the VAE fwd+bwd against torch")
     parser.add_argument("--size", type=int, default=128, help="SD step and VAE fwd+bwd image size")
     parser.add_argument("--batch", type=int, default=2, help="SD step and VAE fwd+bwd batch size")
     parser.add_argument("--dtypes", default="float32", help="compute dtypes, e.g. float32,bfloat16")
@@ -122,9 +124,11 @@ def main() -> None:
     lpips = lpips_for_timing()
     print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  torch device: {torch_device()}")
 
-    tiny = bench_step("tiny", ["loss.disc_start=0"], args.repeats, lpips)
-    print(f"tiny G+D step (64x64, batch 8):  compile {tiny['compile_s']:.1f} s, {tiny['images_per_s']:.1f} images/s")
-    result = {"tiny_step_images_per_s": tiny["images_per_s"], "tiny_step_compile_s": tiny["compile_s"]}
+    result = {}
+    if not args.vae_only:
+        tiny = bench_step("tiny", ["loss.disc_start=0"], args.repeats, lpips)
+        print(f"tiny G+D step (64x64, batch 8):  compile {tiny['compile_s']:.1f} s, {tiny['images_per_s']:.1f} images/s")
+        result = {"tiny_step_images_per_s": tiny["images_per_s"], "tiny_step_compile_s": tiny["compile_s"]}
     if args.quick:
         print(json.dumps({name: round(value, 4) for name, value in result.items()}))
         return
@@ -133,21 +137,29 @@ def main() -> None:
         tag = "" if dtype == "float32" else f"_{dtype}"
         sd_args = ["loss.disc_start=0", f"train.image_size={args.size}", f"train.batch_size={args.batch}",
                    f"train.compute_dtype={dtype}"]
-        sd = bench_step("sd", sd_args, args.repeats, lpips)
-        mfu = f", MFU {sd['tflops'] / args.peak_tflops:.1%}" if args.peak_tflops else ""
-        print(f"SD G+D step ({shape}, {dtype}): compile {sd['compile_s']:.1f} s (target <= 60), "
-              f"{sd['images_per_s']:.2f} images/s ({sd['step_s']:.2f} s/step, {sd['tflops']:.2f} TFLOP/s{mfu})")
-        result.update({f"sd_step_compile_s{tag}": sd["compile_s"], f"sd_step_images_per_s{tag}": sd["images_per_s"]})
-        if dtype == "float32":
+        if not args.vae_only:
+            sd = bench_step("sd", sd_args, args.repeats, lpips)
+            mfu = f", MFU {sd['tflops'] / args.peak_tflops:.1%}" if args.peak_tflops else ""
+            print(f"SD G+D step ({shape}, {dtype}): compile {sd['compile_s']:.1f} s (target <= 60), "
+                  f"{sd['images_per_s']:.2f} images/s ({sd['step_s']:.2f} s/step, {sd['tflops']:.2f} TFLOP/s{mfu})")
+            result.update({f"sd_step_compile_s{tag}": sd["compile_s"], f"sd_step_images_per_s{tag}": sd["images_per_s"]})
+        if dtype == "float32" and not args.vae_only:
             fixed = bench_step("sd", [*sd_args, "loss.adaptive_gan_weight=false"], args.repeats, lpips)
             overhead = 1.0 - fixed["step_s"] / sd["step_s"]  # negative: below the timing noise
             print(f"adaptive GAN weight overhead:     {overhead:.1%} of the step (target <= 10%; fixed weight {fixed['step_s']:.2f} s/step)")
             result["adaptive_weight_overhead"] = overhead
         vae = bench_vae_vs_torch(args.size, args.batch, args.repeats, dtype)
+        roofline = matmul_roofline(jnp.dtype(dtype))
+        # the fastest the VAE could run: all of its FLOPs at the matmul roofline
+        bound_s = vae["gflop"] / roofline
         print(f"VAE fwd+bwd (SD, {shape}, {dtype}, L1 + KL): JAX {vae['jax_s']:.3f} s, torch {vae['torch_s']:.3f} s, "
-              f"ratio {vae['ratio']:.2f} (target >= 1.1; >1: JAX faster)")
+              f"ratio {vae['ratio']:.2f} (target >= 1.1; >1: JAX faster)\n"
+              f"  {vae['gflop']:.0f} GFLOP at {vae['gflop'] / vae['jax_s']:.0f} GFLOP/s = {bound_s / vae['jax_s']:.0%} of the "
+              f"{roofline:.0f} GFLOP/s matmul roofline (target ~80%); all at the roofline would take {bound_s:.2f} s, "
+              f"a ratio of {vae['torch_s'] / bound_s:.2f}")
         result.update({f"vae_fwd_bwd_ratio_vs_torch{tag}": vae["ratio"], f"vae_fwd_bwd_jax_s{tag}": vae["jax_s"],
-                       f"vae_fwd_bwd_torch_s{tag}": vae["torch_s"]})
+                       f"vae_fwd_bwd_torch_s{tag}": vae["torch_s"], f"vae_fwd_bwd_roofline_fraction{tag}": bound_s / vae["jax_s"],
+                       f"vae_fwd_bwd_ratio_at_roofline{tag}": vae["torch_s"] / bound_s})
     print(json.dumps({name: round(value, 4) for name, value in result.items()}))
 
 
