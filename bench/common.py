@@ -67,6 +67,28 @@ def torch_twin(cfg, params):
     return twin.to(torch_device())
 
 
+def vae_fwd_bwd(model):
+    """(jitted grads(state, x, key), state): the VAE-only forward and backward, L1 + 1e-6 * KL
+    on a posterior sample (no sigma noise), the model's share of a training step."""
+    from flax import nnx
+
+    from sigmavae_jax import losses
+
+    graph, state = nnx.split(model)
+
+    @jax.jit
+    def grads(state, x, key):
+        def loss_fn(state):
+            vae = nnx.merge(graph, state)
+            posterior = vae.posterior(x)
+            x_hat = vae.decode(posterior.sample(key))
+            return jnp.mean(jnp.abs(x - x_hat)) + 1e-6 * losses.kl_loss(posterior.kl())
+
+        return jax.grad(loss_fn)(state)
+
+    return grads, state
+
+
 def matmul_roofline(dtype=jnp.float32, repeats: int = 3) -> float:
     """The best GFLOP/s XLA reaches on large matrix products of `dtype` on this device: the
     ceiling a convolution network can approach (its convolutions are matrix products)."""

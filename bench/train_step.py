@@ -25,9 +25,9 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from common import alternate, flops, matmul_roofline, median_time, torch_device, torch_synced, torch_twin  # noqa: E402
+from common import alternate, flops, matmul_roofline, median_time, torch_device, torch_synced, torch_twin, vae_fwd_bwd  # noqa: E402
 
-from sigmavae_jax import api, losses, parallel  # noqa: E402
+from sigmavae_jax import api, parallel  # noqa: E402
 from sigmavae_jax.config import load_config  # noqa: E402
 from sigmavae_jax.models.lpips import LPIPS, load_lpips, lpips_weight_shapes  # noqa: E402
 from sigmavae_jax.train import state as train_state  # noqa: E402
@@ -68,18 +68,7 @@ def bench_vae_vs_torch(size: int, batch: int, repeats: int, dtype: str = "float3
     torch_vae = torch_twin(cfg, params)
     torch_vae.train()
     x_np = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
-    graph, state = nnx.split(model)
-
-    @jax.jit
-    def jax_grads(state, x, key):
-        def loss_fn(state):
-            vae = nnx.merge(graph, state)
-            posterior = vae.posterior(x)
-            x_hat = vae.decode(posterior.sample(key))
-            return jnp.mean(jnp.abs(x - x_hat)) + 1e-6 * losses.kl_loss(posterior.kl())
-
-        return jax.grad(loss_fn)(state)
-
+    jax_grads, state = vae_fwd_bwd(model)
     x_jax, key = jnp.asarray(x_np), jax.random.key(0)
     x_torch = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(torch_device())
 

@@ -1,0 +1,209 @@
+"""Where the VAE's forward+backward spends its time (prints tables, ends with one JSON line).
+
+Two views of the SD-size VAE fwd+bwd (L1 + KL, the model's share of a training step):
+  * the whole program under jax.profiler: the time of every XLA op, summed by kind
+    (convolution forward, input gradient, kernel gradient, matrix products, layout copies,
+    reductions, other elementwise) and by shape;
+  * with --layers, every distinct convolution of the model alone: forward, input-gradient and
+    kernel-gradient GFLOP/s in JAX and in torch (same shapes, same threads), weighted by how
+    often the model uses it.
+Op times are summed over XLA's threads, which run independent ops side by side: their sum
+exceeds the wall time by the printed factor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import re
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from common import median_time, vae_fwd_bwd  # noqa: E402
+
+from sigmavae_jax import api  # noqa: E402
+from sigmavae_jax.config import load_config  # noqa: E402
+from sigmavae_jax.models.layers import upsampled_conv  # noqa: E402
+
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\S+) ([\w-]+)\((.*)$", re.M)
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
+_RUNTIME_EVENTS = ("ThunkExecutor", "end:", "Threadpool", "SlinkyThreadPool")
+
+
+def _dims(shape: str) -> list[int]:
+    """'f32[2,64,64,256]{3,2,1,0}' -> [2, 64, 64, 256]."""
+    inner = shape.split("[", 1)[1].split("]", 1)[0] if "[" in shape else ""
+    return [int(d) for d in inner.split(",") if d]
+
+
+class HloOps:
+    """The kind and operand shapes of each instruction of a compiled program, from its text."""
+
+    def __init__(self, hlo_text: str):
+        self.bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
+        self.ops = {}
+        for name, shape, opcode, rest in _INSTRUCTION.findall(hlo_text):
+            called = re.search(r"calls=%([\w.\-]+)", rest)
+            source = re.search(r'op_name="([^"]+)"', rest)  # the jax op it came from
+            self.ops[name] = (shape.split("{")[0], opcode, called.group(1) if called else None, source.group(1) if source else "")
+
+    def kind(self, name: str) -> str:
+        shape, opcode, called, source = self.ops[name]
+        body = self.bodies.get(called, "") if called else ""
+        if opcode == "convolution" or "convolution(" in body:
+            dims = _dims(shape)
+            # XLA writes a kernel gradient as a conv whose output is the (O, kh, kw, I) kernel
+            if len(dims) == 4 and 1 <= dims[1] <= 4 and 1 <= dims[2] <= 4 and dims[0] > 4:
+                return "conv kernel gradient"
+            return "conv input gradient" if "transpose(" in source else "conv forward"  # transpose: a VJP
+        if opcode == "dot" or "dot(" in body:
+            return "matrix product"
+        if "transpose" in name or opcode in ("copy", "transpose"):
+            return "layout copy"
+        if opcode == "reduce" or "reduce(" in body:
+            return "reduction"
+        return "elementwise"
+
+    def operands(self, name: str) -> str:
+        shape, _, called, _ = self.ops[name]
+        params = re.findall(r"%param_[\w.]+ = (\S+) parameter", self.bodies.get(called, "")) if called else []
+        return f"{' '.join(p.split('{')[0] for p in params[:2])} -> {shape}"
+
+
+def program_profile(cfg_name: str, size: int, batch: int, top: int) -> dict[str, float]:
+    model = api.build_model(load_config(cfg_name).model, seed=0)
+    grads, state = vae_fwd_bwd(model)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
+    key = jax.random.key(0)
+    run = lambda: jax.block_until_ready(grads(state, x, key))  # noqa: E731
+    run()
+    wall_s = median_time(run, 3)
+    hlo = HloOps(grads.lower(state, x, key).compile().as_text())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            run()
+        trace = jax.profiler.ProfileData.from_file(str(next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))))
+    by_kind, by_shape, count = collections.Counter(), collections.Counter(), collections.Counter()
+    for plane in trace.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name.startswith(_RUNTIME_EVENTS) or event.name not in hlo.ops:
+                    continue
+                kind = hlo.kind(event.name)
+                by_kind[kind] += event.duration_ns / 1e9
+                by_shape[(kind, hlo.operands(event.name))] += event.duration_ns / 1e9
+                count[(kind, hlo.operands(event.name))] += 1
+    total = sum(by_kind.values())
+    print(f"\nVAE fwd+bwd ({cfg_name}, {size}x{size}, batch {batch}): {wall_s:.2f} s wall; op time "
+          f"{total:.2f} s summed over threads ({total / wall_s:.2f}x the wall time)")
+    for kind, seconds in by_kind.most_common():
+        print(f"  {kind:22s} {seconds:7.3f} s  {seconds / total:6.1%}")
+    print(f"\nThe {top} costliest (kind, operands -> result) groups:")
+    for (kind, operands), seconds in by_shape.most_common(top):
+        print(f"  {seconds * 1e3:8.1f} ms  x{count[(kind, operands)]:<3d} {kind:22s} {operands}")
+    return {"wall_s": wall_s, **{f"share_{k.replace(' ', '_')}": v / total for k, v in by_kind.items()}}
+
+
+# The convolutions of the SD VAE at a 128 x 128 input: (input size, C_in, C_out, kernel, kind, uses)
+SD_CONVS_AT_128 = [
+    (128, 3, 128, 3, "same", 1), (128, 128, 128, 3, "same", 9), (128, 128, 128, 3, "down", 1),
+    (128, 256, 128, 3, "same", 1), (128, 256, 128, 1, "same", 1), (128, 128, 3, 3, "same", 1),
+    (64, 128, 256, 3, "same", 1), (64, 256, 256, 3, "same", 8), (64, 128, 256, 1, "same", 1),
+    (64, 256, 256, 3, "down", 1), (64, 512, 256, 3, "same", 1), (64, 512, 256, 1, "same", 1),
+    (64, 256, 256, 3, "up", 1), (32, 256, 512, 3, "same", 1), (32, 512, 512, 3, "same", 9),
+    (32, 256, 512, 1, "same", 1), (32, 512, 512, 3, "down", 1), (32, 512, 512, 3, "up", 1),
+    (16, 512, 512, 3, "same", 18), (16, 512, 512, 3, "up", 1), (16, 512, 8, 3, "same", 1), (16, 4, 512, 3, "same", 1),
+]
+
+
+def _jax_conv(kind: str, k: int):
+    from sigmavae_jax.models.layers import conv3x3
+
+    if kind == "up":
+        return upsampled_conv
+    if kind == "down":
+        return lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), ((0, 1), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if k == 1:
+        return lambda x, w: jnp.einsum("bhwc,co->bhwo", x, w[0, 0])
+    return conv3x3
+
+
+def _torch_conv(kind: str, k: int):
+    import torch.nn.functional as F
+
+    if kind == "up":
+        return lambda x, w: F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=1)
+    if kind == "down":
+        return lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1)), w, stride=2)
+    return lambda x, w: F.conv2d(x, w, padding=k // 2)
+
+
+def layer_profile(batch: int) -> dict[str, float]:
+    """Forward / input-gradient / kernel-gradient GFLOP/s of each conv, JAX (as the model runs
+    it) against torch; torch's gradients are its backward time less its forward."""
+    import torch
+
+    names = ("forward", "input grad", "kernel grad")
+    totals = {f"{side}_{n}": 0.0 for side in ("jax", "torch") for n in names}
+    print(f"\nEach convolution alone, batch {batch}: GFLOP/s JAX | torch (forward, input grad, kernel grad)")
+    for size, c_in, c_out, k, kind, uses in SD_CONVS_AT_128:
+        rng = np.random.default_rng(0)
+        out = size * 2 if kind == "up" else size // 2 if kind == "down" else size
+        x, w = rng.normal(size=(batch, size, size, c_in)), rng.normal(size=(k, k, c_in, c_out)) * 0.05
+        dy = rng.normal(size=(batch, out, out, c_out))
+        fn = _jax_conv(kind, k)
+        xj, wj, dyj = (jnp.asarray(a, jnp.float32) for a in (x, w, dy))
+        programs = (jax.jit(fn), jax.jit(lambda x, w, dy: jax.vjp(lambda x: fn(x, w), x)[1](dy)[0]),
+                    jax.jit(lambda x, w, dy: jax.vjp(lambda w: fn(x, w), w)[1](dy)[0]))
+        arguments = ((xj, wj), (xj, wj, dyj), (xj, wj, dyj))
+        jax_s = []
+        for program, args in zip(programs, arguments):
+            jax.block_until_ready(program(*args))
+            jax_s.append(median_time(lambda: jax.block_until_ready(program(*args)), 5))
+        tfn = _torch_conv(kind, k)
+        xt, wt, dyt = (torch.from_numpy(np.ascontiguousarray(a.transpose(*axes), np.float32))
+                       for a, axes in ((x, (0, 3, 1, 2)), (w, (3, 2, 0, 1)), (dy, (0, 3, 1, 2))))
+        with torch.no_grad():
+            tfn(xt, wt)
+            forward_s = median_time(lambda: tfn(xt, wt), 5)
+        x_grad, w_grad = xt.clone().requires_grad_(True), wt.clone().requires_grad_(True)
+        backward = ((lambda: torch.autograd.grad(tfn(x_grad, wt), x_grad, dyt)),
+                    (lambda: torch.autograd.grad(tfn(xt, w_grad), w_grad, dyt)))
+        torch_s = [forward_s]
+        for fn_ in backward:
+            fn_()
+            torch_s.append(max(median_time(fn_, 5) - forward_s, 1e-9))
+        gflop = 2 * batch * out * out * c_in * c_out * k * k / 1e9
+        rates = lambda seconds: " ".join(f"{gflop / s:5.0f}" for s in seconds)  # noqa: E731
+        print(f"  {kind:4s} {k}x{k} {c_in:3d}->{c_out:3d} at {size:3d} x{uses:<2d}  {rates(jax_s)} | {rates(torch_s)}")
+        for n, j, t in zip(names, jax_s, torch_s):
+            totals[f"jax_{n}"] += uses * j
+            totals[f"torch_{n}"] += uses * t
+    print("  seconds, weighted by use: " + ", ".join(f"{n} JAX {totals[f'jax_{n}']:.2f} torch {totals[f'torch_{n}']:.2f}" for n in names))
+    return {f"layers_{k.replace(' ', '_')}_s": v for k, v in totals.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="sd", help="model config name (default: sd)")
+    parser.add_argument("--size", type=int, default=128, help="image size (default: 128, as bench/train_step.py)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--top", type=int, default=20, help="how many (kind, shape) groups to list")
+    parser.add_argument("--layers", action="store_true", help="also time each SD convolution alone against torch (128 x 128 shapes)")
+    args = parser.parse_args()
+    print(f"devices: {jax.devices()}")
+    result = program_profile(args.config, args.size, args.batch, args.top)
+    if args.layers:
+        result.update(layer_profile(args.batch))
+    print(json.dumps({name: round(value, 4) for name, value in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
