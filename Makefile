@@ -29,6 +29,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/op_profile.py --layers
 
 clean:
 	rm -rf $(VENV)

@@ -34,8 +34,9 @@ from sigmavae_jax.train import state as train_state  # noqa: E402
 from sigmavae_jax.train.step import compile_train_step, make_train_step  # noqa: E402
 
 
-def bench_step(name: str, overrides: list[str], repeats: int, lpips) -> dict[str, float]:
-    """Compile time and steady-state images/s of the full step for a config."""
+def compiled_step(name: str, overrides: list[str], lpips):
+    """(compiled G+D step, its compile seconds, run): `run()` does one step on a fixed batch
+    and waits for it."""
     cfg = load_config(name, overrides)
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     modules = train_state.build_modules(cfg)
@@ -53,6 +54,13 @@ def bench_step(name: str, overrides: list[str], repeats: int, lpips) -> dict[str
         holder["state"], metrics = compiled(holder["state"], x, lpips_vars)
         jax.block_until_ready(metrics)
 
+    return compiled, compile_s, run
+
+
+def bench_step(name: str, overrides: list[str], repeats: int, lpips) -> dict[str, float]:
+    """Compile time and steady-state images/s of the full step for a config."""
+    compiled, compile_s, run = compiled_step(name, overrides, lpips)
+    batch = load_config(name, overrides).train.batch_size
     run()  # warm-up
     seconds = median_time(run, repeats)
     return {"compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds,

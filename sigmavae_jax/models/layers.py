@@ -94,7 +94,7 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 # XLA's CPU kernel gradient of a 3x3 conv is a conv whose window is the whole image and
 # whose contraction depth is the batch; it slows down as the image grows (128x128, batch 2:
-# ~90 GFLOP/s whole, ~125 in pieces of 8192 pixels; `bench/profile.py --layers`). Pieces are unrolled,
+# ~90 GFLOP/s whole, ~125 in pieces of 8192 pixels; `bench/op_profile.py --layers`). Pieces are unrolled,
 # so their number is capped to bound the program size.
 KERNEL_GRAD_PIXELS = 8192
 KERNEL_GRAD_MAX_PIECES = 16

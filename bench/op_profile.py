@@ -1,9 +1,9 @@
 """Where the VAE's forward+backward spends its time (prints tables, ends with one JSON line).
 
 Two views of the SD-size VAE fwd+bwd (L1 + KL, the model's share of a training step):
-  * the whole program under jax.profiler: the time of every XLA op, summed by kind
-    (convolution forward, input gradient, kernel gradient, matrix products, layout copies,
-    reductions, other elementwise) and by shape;
+  * the whole program under jax.profiler (with --step: the whole G+D training step instead):
+    the time of every XLA op, summed by kind (convolution forward, input gradient, kernel
+    gradient, matrix products, layout copies, reductions, other elementwise) and by shape;
   * with --layers, every distinct convolution of the model alone: forward, input-gradient and
     kernel-gradient GFLOP/s in JAX and in torch (same shapes, same threads), weighted by how
     often the model uses it.
@@ -77,15 +77,11 @@ class HloOps:
         return f"{' '.join(p.split('{')[0] for p in params[:2])} -> {shape}"
 
 
-def program_profile(cfg_name: str, size: int, batch: int, top: int) -> dict[str, float]:
-    model = api.build_model(load_config(cfg_name).model, seed=0)
-    grads, state = vae_fwd_bwd(model)
-    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
-    key = jax.random.key(0)
-    run = lambda: jax.block_until_ready(grads(state, x, key))  # noqa: E731
+def program_profile(label: str, compiled, run, top: int) -> dict[str, float]:
+    """Wall time of `run()` (which executes `compiled`) and its XLA op times by kind and shape."""
     run()
     wall_s = median_time(run, 3)
-    hlo = HloOps(grads.lower(state, x, key).compile().as_text())
+    hlo = HloOps(compiled.as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             run()
@@ -101,14 +97,21 @@ def program_profile(cfg_name: str, size: int, batch: int, top: int) -> dict[str,
                 by_shape[(kind, hlo.operands(event.name))] += event.duration_ns / 1e9
                 count[(kind, hlo.operands(event.name))] += 1
     total = sum(by_kind.values())
-    print(f"\nVAE fwd+bwd ({cfg_name}, {size}x{size}, batch {batch}): {wall_s:.2f} s wall; op time "
-          f"{total:.2f} s summed over threads ({total / wall_s:.2f}x the wall time)")
+    print(f"\n{label}: {wall_s:.2f} s wall; op time {total:.2f} s summed over threads ({total / wall_s:.2f}x the wall time)")
     for kind, seconds in by_kind.most_common():
         print(f"  {kind:22s} {seconds:7.3f} s  {seconds / total:6.1%}")
     print(f"\nThe {top} costliest (kind, operands -> result) groups:")
     for (kind, operands), seconds in by_shape.most_common(top):
         print(f"  {seconds * 1e3:8.1f} ms  x{count[(kind, operands)]:<3d} {kind:22s} {operands}")
     return {"wall_s": wall_s, **{f"share_{k.replace(' ', '_')}": v / total for k, v in by_kind.items()}}
+
+
+def vae_program(cfg_name: str, size: int, batch: int):
+    """(compiled VAE fwd+bwd, run) on a fixed random batch."""
+    grads, state = vae_fwd_bwd(api.build_model(load_config(cfg_name).model, seed=0))
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
+    key = jax.random.key(0)
+    return grads.lower(state, x, key).compile(), lambda: jax.block_until_ready(grads(state, x, key))
 
 
 # The convolutions of the SD VAE at a 128 x 128 input: (input size, C_in, C_out, kernel, kind, uses)
@@ -197,9 +200,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--top", type=int, default=20, help="how many (kind, shape) groups to list")
     parser.add_argument("--layers", action="store_true", help="also time each SD convolution alone against torch (128 x 128 shapes)")
+    parser.add_argument("--step", action="store_true", help="profile the whole G+D training step instead of the VAE fwd+bwd")
     args = parser.parse_args()
     print(f"devices: {jax.devices()}")
-    result = program_profile(args.config, args.size, args.batch, args.top)
+    shape = f"{args.config}, {args.size}x{args.size}, batch {args.batch}"
+    if args.step:
+        from train_step import compiled_step, lpips_for_timing
+
+        overrides = ["loss.disc_start=0", f"train.image_size={args.size}", f"train.batch_size={args.batch}"]
+        compiled, _, run = compiled_step(args.config, overrides, lpips_for_timing())
+        result = program_profile(f"G+D step ({shape})", compiled, run, args.top)
+    else:
+        compiled, run = vae_program(args.config, args.size, args.batch)
+        result = program_profile(f"VAE fwd+bwd ({shape})", compiled, run, args.top)
     if args.layers:
         result.update(layer_profile(args.batch))
     print(json.dumps({name: round(value, 4) for name, value in result.items()}))
