@@ -53,14 +53,16 @@ class HloOps:
             called = re.search(r"calls=%([\w.\-]+)", rest)
             source = re.search(r'op_name="([^"]+)"', rest)  # the jax op it came from
             self.ops[name] = (shape.split("{")[0], opcode, called.group(1) if called else None, source.group(1) if source else "")
+        # a conv whose result has the dims of a 4-d program input (a kernel), in any order, is a
+        # kernel gradient: XLA writes them as HWIO or as (O, kh, kw, I)
+        entry = self.bodies.get("ENTRY", "")
+        self.kernel_dims = {tuple(sorted(_dims(shape))) for shape in re.findall(r"= (\S+) parameter\(", entry) if len(_dims(shape)) == 4}
 
     def kind(self, name: str) -> str:
         shape, opcode, called, source = self.ops[name]
         body = self.bodies.get(called, "") if called else ""
         if opcode == "convolution" or "convolution(" in body:
-            dims = _dims(shape)
-            # XLA writes a kernel gradient as a conv whose output is the (O, kh, kw, I) kernel
-            if len(dims) == 4 and 1 <= dims[1] <= 4 and 1 <= dims[2] <= 4 and dims[0] > 4:
+            if tuple(sorted(_dims(shape))) in self.kernel_dims:
                 return "conv kernel gradient"
             return "conv input gradient" if "transpose(" in source else "conv forward"  # transpose: a VJP
         if opcode == "dot" or "dot(" in body:

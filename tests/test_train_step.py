@@ -14,7 +14,7 @@ from sigmavae_jax import losses, parallel
 from sigmavae_jax.config import load_config
 from sigmavae_jax.models.lpips import load_lpips
 from sigmavae_jax.train import state as train_state
-from sigmavae_jax.train.step import compile_train_step, conv_kernel_grad, make_train_step
+from sigmavae_jax.train.step import compile_train_step, conv_kernel_grad, make_train_step, when
 
 BATCH, SIZE = 4, 32
 
@@ -276,3 +276,24 @@ def test_non_finite_batch_is_skipped_and_changes_nothing():
     # the next, finite batch trains; with adaptive_gan_weight off the GAN weight is disc_weight
     state, metrics = step(state, parallel.global_batch(images((BATCH, SIZE, SIZE, 3)), mesh), lpips_vars)
     assert int(metrics["skipped"]) == 0 and float(metrics["d_weight"]) == cfg.loss.disc_weight
+
+
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])  # "tpu": the lax.cond form, traced here on CPU
+def test_when_selects_the_taken_branch_and_hides_the_other(monkeypatch, backend):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    x, kernel = jnp.ones((1, 4, 4, 2)), jnp.full((3, 3, 2, 3), 0.5)
+
+    def compute():  # a kernel gradient, as in the discriminator's branch, and a value that is
+        grad = jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(kernel)  # NaN when not taken below
+        return grad, jnp.log(jnp.sum(grad) - 1e6)
+
+    def otherwise():
+        return jnp.zeros_like(kernel), jnp.zeros(())
+
+    run = jax.jit(lambda active: when(active, compute, otherwise))
+    grad, value = run(True)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(kernel)), rtol=1e-6)
+    assert np.isnan(value)  # log of a negative number: the taken branch is returned as is
+    grad, value = run(False)
+    assert not np.any(grad) and value == 0.0

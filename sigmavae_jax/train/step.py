@@ -45,6 +45,17 @@ def conv_kernel_grad(conv: nnx.Conv, h: jax.Array, cotangent: jax.Array) -> jax.
     return pullback(cotangent.astype(jnp.float32))[0]
 
 
+def when(active: jax.Array, compute: Callable[[], Any], otherwise: Callable[[], Any]) -> Any:
+    """`compute()` if `active` else `otherwise()` (same structure): `lax.cond` on accelerators,
+    which skips the branch not taken. On CPU both run and the result is selected: XLA's CPU
+    backend compiles convolutions inside a conditional branch with its generic loop emitter
+    instead of its conv library, and a discriminator kernel gradient measured 47x slower there
+    (2.07 s against 44 ms; the SD G+D step at 128 x 128 spent ~3.5 s of 11.4 in such convs)."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.cond(active, lambda _: compute(), lambda _: otherwise(), None)
+    return jax.tree.map(lambda a, b: jnp.where(active, a, b), compute(), otherwise())
+
+
 def _split(tree: dict[str, Any], keep: frozenset) -> tuple[dict[str, Any], dict[str, Any]]:
     flat = flatten_params(tree)
     kept = unflatten_params({p: v for p, v in flat.items() if p in keep})
@@ -114,7 +125,7 @@ def make_train_step(cfg: Config, modules: Modules, lpips_graph: Any = None) -> S
             disc_factor = losses.adopt_weight(loss_cfg.disc_factor, step, loss_cfg.disc_start)
             conv_out = nnx.merge(modules.vae, state.params["vae"]).decoder.conv_out
 
-            def with_gan(_):
+            def with_gan():
                 def g_of(x_hat):
                     logits, _ = disc_apply(state.disc_params, state.disc_stats, x_hat)
                     return losses.generator_adversarial_loss(logits)
@@ -126,10 +137,10 @@ def make_train_step(cfg: Config, modules: Modules, lpips_graph: Any = None) -> S
                 d_weight = losses.adaptive_weight(nll_grad, g_grad, loss_cfg.disc_weight)
                 return g, ct_g, d_weight, jnp.linalg.norm(nll_grad), jnp.linalg.norm(g_grad)
 
-            def without_gan(_):
+            def without_gan():
                 return zero, jnp.zeros_like(x_hat), zero, zero, zero
 
-            g_loss, ct_g, d_weight, nll_grad_norm, g_grad_norm = jax.lax.cond(disc_active, with_gan, without_gan, None)
+            g_loss, ct_g, d_weight, nll_grad_norm, g_grad_norm = when(disc_active, with_gan, without_gan)
             ct_x_hat = ct_nll + (d_weight * disc_factor) * ct_g
         else:
             g_loss = d_weight = disc_factor = nll_grad_norm = g_grad_norm = zero
@@ -169,17 +180,15 @@ def make_train_step(cfg: Config, modules: Modules, lpips_graph: Any = None) -> S
                 loss = disc_factor * losses.discriminator_loss(real_logits, fake_logits, loss_cfg.disc_loss)
                 return loss, (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
 
-            def disc_grads(_):
+            def disc_grads():
                 return jax.value_and_grad(disc_loss_of, has_aux=True)(state.disc_params)
 
-            def no_disc_grads(_):
+            def no_disc_grads():
                 # Before disc_start the reference still steps Adam with zero gradients.
                 zeros = jax.tree.map(jnp.zeros_like, state.disc_params)
                 return (zero, (state.disc_stats, zero, zero)), zeros
 
-            (d_loss, (disc_stats, real_mean, fake_mean)), d_grads = jax.lax.cond(
-                disc_active, disc_grads, no_disc_grads, None
-            )
+            (d_loss, (disc_stats, real_mean, fake_mean)), d_grads = when(disc_active, disc_grads, no_disc_grads)
             d_updates, disc_opt_state = modules.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
             disc_params = optax.apply_updates(state.disc_params, d_updates)
             metrics.update(
