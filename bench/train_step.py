@@ -134,19 +134,21 @@ def main() -> None:
         tag = "" if dtype == "float32" else f"_{dtype}"
         sd_args = ["loss.disc_start=0", f"train.image_size={args.size}", f"train.batch_size={args.batch}",
                    f"train.compute_dtype={dtype}"]
+        roofline = matmul_roofline(jnp.dtype(dtype))  # GFLOP/s
         if not args.vae_only:
             sd = bench_step("sd", sd_args, args.repeats, lpips)
             mfu = f", MFU {sd['tflops'] / args.peak_tflops:.1%}" if args.peak_tflops else ""
             print(f"SD G+D step ({shape}, {dtype}): compile {sd['compile_s']:.1f} s (target <= 60), "
-                  f"{sd['images_per_s']:.2f} images/s ({sd['step_s']:.2f} s/step, {sd['tflops']:.2f} TFLOP/s{mfu})")
-            result.update({f"sd_step_compile_s{tag}": sd["compile_s"], f"sd_step_images_per_s{tag}": sd["images_per_s"]})
+                  f"{sd['images_per_s']:.2f} images/s ({sd['step_s']:.2f} s/step, {sd['tflops']:.2f} TFLOP/s = "
+                  f"{sd['tflops'] * 1e3 / roofline:.0%} of the {roofline:.0f} GFLOP/s matmul roofline{mfu})")
+            result.update({f"sd_step_compile_s{tag}": sd["compile_s"], f"sd_step_images_per_s{tag}": sd["images_per_s"],
+                           f"sd_step_roofline_fraction{tag}": sd["tflops"] * 1e3 / roofline})
         if dtype == "float32" and not args.vae_only:
             fixed = bench_step("sd", [*sd_args, "loss.adaptive_gan_weight=false"], args.repeats, lpips)
             overhead = 1.0 - fixed["step_s"] / sd["step_s"]  # negative: below the timing noise
             print(f"adaptive GAN weight overhead:     {overhead:.1%} of the step (target <= 10%; fixed weight {fixed['step_s']:.2f} s/step)")
             result["adaptive_weight_overhead"] = overhead
         vae = bench_vae_vs_torch(args.size, args.batch, args.repeats, dtype)
-        roofline = matmul_roofline(jnp.dtype(dtype))
         # the fastest the VAE could run: all of its FLOPs at the matmul roofline
         bound_s = vae["gflop"] / roofline
         print(f"VAE fwd+bwd (SD, {shape}, {dtype}, L1 + KL): JAX {vae['jax_s']:.3f} s, torch {vae['torch_s']:.3f} s, "
