@@ -60,9 +60,11 @@ def test_conv_module_matches_flax_conv_for_1x1_3x3_and_strided_kernels():
 
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 6)), jnp.float32)
-    for size, stride, padding in [(1, 1, [(0, 0), (0, 0)]), (3, 1, [(1, 1), (1, 1)]), (3, 2, [(0, 1), (0, 1)])]:
+    # (kernel, stride, padding, the primitive our module must lower to)
+    for size, stride, padding, route in [(1, 1, [(0, 0), (0, 0)], "dot_general"), (3, 1, [(1, 1), (1, 1)], "conv3x3"),
+                                         (3, 2, [(0, 1), (0, 1)], "conv_general_dilated")]:
         ours = layers.conv(6, 4, size, stride=stride, padding=padding, dtype=jnp.float32, rngs=nnx.Rngs(0))
         flax_conv = nnx.Conv(6, 4, (size, size), strides=stride, padding=padding, rngs=nnx.Rngs(0))
-        assert type(ours) is not nnx.Conv
+        assert route in str(jax.make_jaxpr(ours)(x))
         with jax.default_matmul_precision("highest"):
             np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(flax_conv(x)), rtol=1e-5, atol=1e-5)
