@@ -297,3 +297,15 @@ def test_when_selects_the_taken_branch_and_hides_the_other(monkeypatch, backend)
     assert np.isnan(value)  # log of a negative number: the taken branch is returned as is
     grad, value = run(False)
     assert not np.any(grad) and value == 0.0
+
+
+@pytest.mark.parametrize("backend, conditionals", [("cpu", 0), ("tpu", 2)])
+def test_cpu_step_has_no_conditional_branches(monkeypatch, backend, conditionals):
+    """On CPU the discriminator's convolutions must not sit in a conditional branch (XLA's CPU
+    backend compiles those ~47x slower, see train.step.when); accelerators keep both branches."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    cfg = tiny_config("loss.perceptual_weight=0", "loss.disc_start=1")
+    mesh = single_device_mesh()
+    state, step, lpips_vars, _ = setup(cfg, mesh)
+    program = step.lower(state, parallel.global_batch(images((BATCH, SIZE, SIZE, 3)), mesh), lpips_vars).as_text()
+    assert program.count("stablehlo.case") + program.count("stablehlo.if") == conditionals
