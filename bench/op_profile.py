@@ -8,7 +8,8 @@ Two views of the SD-size VAE fwd+bwd (L1 + KL, the model's share of a training s
     kernel-gradient GFLOP/s in JAX and in torch (same shapes, same threads), weighted by how
     often the model uses it.
 Op times are summed over XLA's threads, which run independent ops side by side: their sum
-exceeds the wall time by the printed factor.
+exceeds the wall time by the printed factor. The kinds are read from XLA's CPU programs; on a
+GPU, convolutions are cuDNN custom calls and would be counted as elementwise work.
 """
 
 from __future__ import annotations
