@@ -114,7 +114,8 @@ def vae_program(cfg_name: str, size: int, batch: int):
     grads, state = vae_fwd_bwd(api.build_model(load_config(cfg_name).model, seed=0))
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
     key = jax.random.key(0)
-    return grads.lower(state, x, key).compile(), lambda: jax.block_until_ready(grads(state, x, key))
+    compiled = grads.lower(state, x, key).compile()
+    return compiled, lambda: jax.block_until_ready(compiled(state, x, key))
 
 
 # The convolutions of the SD VAE at a 128 x 128 input: (input size, C_in, C_out, kernel, kind, uses)
@@ -129,16 +130,18 @@ SD_CONVS_AT_128 = [
 ]
 
 
-def _jax_conv(kind: str, k: int):
-    from sigmavae_jax.models.layers import conv3x3
+def _jax_conv(kind: str, c_in: int, c_out: int, k: int):
+    """(x, kernel) -> the conv as the model computes it (its own Conv, Downsample, Upsample)."""
+    from flax import nnx
+
+    from sigmavae_jax.models import layers
 
     if kind == "up":
         return upsampled_conv
+    rngs = nnx.Rngs(0)
     if kind == "down":
-        return lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), ((0, 1), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if k == 1:
-        return lambda x, w: jnp.einsum("bhwc,co->bhwo", x, w[0, 0])
-    return conv3x3
+        return layers.Downsample(c_in, dtype=jnp.float32, rngs=rngs).conv.apply_kernel
+    return layers.conv(c_in, c_out, k, dtype=jnp.float32, rngs=rngs).apply_kernel
 
 
 def _torch_conv(kind: str, k: int):
@@ -164,7 +167,7 @@ def layer_profile(batch: int) -> dict[str, float]:
         out = size * 2 if kind == "up" else size // 2 if kind == "down" else size
         x, w = rng.normal(size=(batch, size, size, c_in)), rng.normal(size=(k, k, c_in, c_out)) * 0.05
         dy = rng.normal(size=(batch, out, out, c_out))
-        fn = _jax_conv(kind, k)
+        fn = _jax_conv(kind, c_in, c_out, k)
         xj, wj, dyj = (jnp.asarray(a, jnp.float32) for a in (x, w, dy))
         programs = (jax.jit(fn), jax.jit(lambda x, w, dy: jax.vjp(lambda x: fn(x, w), x)[1](dy)[0]),
                     jax.jit(lambda x, w, dy: jax.vjp(lambda w: fn(x, w), w)[1](dy)[0]))

@@ -21,27 +21,19 @@ from jax.sharding import Mesh
 from sigmavae_jax import losses, parallel
 from sigmavae_jax.api import flatten_params, unflatten_params
 from sigmavae_jax.config import Config
+from sigmavae_jax.models.layers import Conv
 from sigmavae_jax.train.state import Modules, TrainState
 
 StepFn = Callable[[TrainState, jax.Array, Any], tuple[TrainState, dict[str, jax.Array]]]
 
 
-def conv_kernel_grad(conv: nnx.Conv, h: jax.Array, cotangent: jax.Array) -> jax.Array:
+def conv_kernel_grad(conv: Conv, h: jax.Array, cotangent: jax.Array) -> jax.Array:
     """grad_K <cotangent, conv_K(h)>: the kernel gradient of `conv` at input h, float32.
 
     h: (B, H, W, C_in); cotangent: (B, H, W, C_out); result: conv's kernel shape.
     """
-
-    strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
-
-    def apply(kernel):
-        return jax.lax.conv_general_dilated(
-            h.astype(jnp.float32), kernel, strides, conv.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-
     kernel = jnp.zeros(conv.kernel.shape, jnp.float32)  # the conv is linear in its kernel
-    _, pullback = jax.vjp(apply, kernel)
+    _, pullback = jax.vjp(lambda k: conv.apply_kernel(h.astype(jnp.float32), k), kernel)
     return pullback(cotangent.astype(jnp.float32))[0]
 
 
