@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/op_profile.py --layers
+	$(BIN)/python bench/tpu_dry_run.py
 
 clean:
 	rm -rf $(VENV)

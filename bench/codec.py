@@ -47,10 +47,10 @@ def bench_codec(config: str, size: int, batch: int, repeats: int, roofline: floa
     if dtype == "bfloat16":
         twin = twin.to(torch.bfloat16)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
-    # what codec.encode / codec.decode run (on CPU one image after another, see api)
-    encode = jax.jit(api.one_image_at_a_time(codec.encode_fn)).lower(codec.params, x).compile()
+    # what codec.encode / codec.decode run (on CPU one image after another, see kernels.CPU)
+    encode = jax.jit(codec.kernels.batch_map(codec.encode_fn)).lower(codec.params, x).compile()
     z = encode(codec.params, x)
-    decode = jax.jit(api.one_image_at_a_time(codec.decode_fn)).lower(codec.params, z).compile()
+    decode = jax.jit(codec.kernels.batch_map(codec.decode_fn)).lower(codec.params, z).compile()
     x_torch = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(torch_device(), twin.dtype)
     with torch.inference_mode():
         z_torch = twin.encode(x_torch).latent_dist.mode()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import pathlib
 import re
@@ -29,9 +30,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from common import median_time, vae_fwd_bwd  # noqa: E402
 
-from sigmavae_jax import api  # noqa: E402
+from sigmavae_jax import api, kernels  # noqa: E402
 from sigmavae_jax.config import load_config  # noqa: E402
-from sigmavae_jax.models.layers import upsampled_conv  # noqa: E402
 
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\S+) ([\w-]+)\((.*)$", re.M)
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
@@ -131,17 +131,20 @@ SD_CONVS_AT_128 = [
 
 
 def _jax_conv(kind: str, c_in: int, c_out: int, k: int):
-    """(x, kernel) -> the conv as the model computes it (its own Conv, Downsample, Upsample)."""
+    """(x, kernel) -> the conv as the model computes it on CPU (its own conv and Downsample
+    modules with the CPU kernels, the CPU nearest-x2 conv)."""
     from flax import nnx
 
     from sigmavae_jax.models import layers
 
     if kind == "up":
-        return upsampled_conv
+        return kernels.CPU.upsampled_conv
     rngs = nnx.Rngs(0)
     if kind == "down":
-        return layers.Downsample(c_in, dtype=jnp.float32, rngs=rngs).conv.apply_kernel
-    return layers.conv(c_in, c_out, k, dtype=jnp.float32, rngs=rngs).apply_kernel
+        conv = layers.Downsample(c_in, dtype=jnp.float32, kernels=kernels.CPU, rngs=rngs).conv
+    else:
+        conv = layers.conv(c_in, c_out, k, dtype=jnp.float32, kernels=kernels.CPU, rngs=rngs)
+    return functools.partial(layers.conv_with_kernel, conv)
 
 
 def _torch_conv(kind: str, k: int):

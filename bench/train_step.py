@@ -27,7 +27,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from common import alternate, flops, matmul_roofline, median_time, torch_device, torch_synced, torch_twin, vae_fwd_bwd  # noqa: E402
 
-from sigmavae_jax import api, parallel  # noqa: E402
+from sigmavae_jax import api, kernels, parallel  # noqa: E402
 from sigmavae_jax.config import load_config  # noqa: E402
 from sigmavae_jax.models.lpips import LPIPS, load_lpips, lpips_weight_shapes  # noqa: E402
 from sigmavae_jax.train import state as train_state  # noqa: E402
@@ -39,7 +39,7 @@ def compiled_step(name: str, overrides: list[str], lpips):
     and waits for it."""
     cfg = load_config(name, overrides)
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    modules = train_state.build_modules(cfg)
+    modules = train_state.build_modules(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
     lpips_graph, lpips_vars = lpips
     state, shardings = train_state.create_state(cfg, modules, mesh, jax.random.key(0))
     step = compile_train_step(make_train_step(cfg, modules, lpips_graph), shardings, mesh, lpips_vars)

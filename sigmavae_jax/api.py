@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sigmavae_jax.kernels import XLA, Kernels, select
 from sigmavae_jax.checkpoint import load_params
 from sigmavae_jax.config import Config, ModelConfig
 from sigmavae_jax.messages import listing
@@ -30,13 +31,22 @@ from sigmavae_jax.tiling import Tiling, tiled_apply
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _abstract_model(cfg: ModelConfig, dtype) -> AutoencoderKL:
-    return nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+def abstract_model(cfg: ModelConfig, dtype, model_kernels: Kernels = XLA) -> AutoencoderKL:
+    """The AutoencoderKL of `cfg` as shapes only (`nnx.eval_shape`): no memory, no random draws."""
+    return nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, kernels=model_kernels))
+
+
+def local_kernels(setting: str | Kernels = "auto") -> Kernels:
+    """`setting` as kernels for programs on this process's first device, where a codec's
+    functions run (a `Kernels` passes through)."""
+    if isinstance(setting, Kernels):
+        return setting
+    return select(setting, jax.local_devices()[:1])
 
 
 def expected_params(cfg: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
     """Every parameter of the model for `cfg`: flat path tuple -> shape/dtype, no memory used."""
-    state = nnx.state(_abstract_model(cfg, jnp.float32), nnx.Param)
+    state = nnx.state(abstract_model(cfg, jnp.float32), nnx.Param)
     return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
@@ -89,31 +99,22 @@ def params_of(model: AutoencoderKL) -> dict[Any, Any]:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def build_model(cfg: ModelConfig, params: dict[Any, Any] | None = None, *, dtype="float32", seed: int = 0):
-    """An AutoencoderKL for `cfg`: randomly initialised (`seed`) or holding `params`."""
+def build_model(
+    cfg: ModelConfig, params: dict[Any, Any] | None = None, *, dtype="float32", seed: int = 0,
+    kernels: str | Kernels = "auto",
+):
+    """An AutoencoderKL for `cfg`: randomly initialised (`seed`) or holding `params`.
+    kernels: "auto" | "xla" | "cpu" (see `local_kernels`) or a `Kernels`."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    model_kernels = local_kernels(kernels)
     if params is None:
-        return AutoencoderKL(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+        return AutoencoderKL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, kernels=model_kernels)
     check_params(params, cfg)
-    model = _abstract_model(cfg, dtype)
+    model = abstract_model(cfg, dtype, model_kernels)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     nnx.update(model, state)
     return model
-
-
-def one_image_at_a_time(fn: Callable) -> Callable:
-    """On CPU, `fn(params, x)` over the batch one image after another (`lax.map`): XLA's CPU
-    convolutions slow down per image as tensors outgrow the caches (SD decode at 256 x 256:
-    0.34 images/s at batch 1, 0.29 at batch 4), and every image is independent (GroupNorm is
-    per image), so the result is the same. Accelerators keep the whole batch."""
-
-    def mapped(params, x):
-        if jax.default_backend() != "cpu" or x.shape[0] == 1:
-            return fn(params, x)
-        return jax.lax.map(lambda image: fn(params, image[None])[0], x)
-
-    return mapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,7 @@ class Codec:
         return self.config.model
 
     tiling: Tiling = Tiling()
+    kernels: Kernels = XLA  # the model's; also how batches go through on CPU
 
     def _apply(self, method: str | Callable) -> Callable:
         """A pure function (params, x) of the model's `method` (a name, or model, x -> y)."""
@@ -174,9 +176,9 @@ class Codec:
 
     def __post_init__(self):
         jitted = {
-            "_encode": one_image_at_a_time(self.encode_fn),
-            "_decode": one_image_at_a_time(self.decode_fn),
-            "_reconstruct": one_image_at_a_time(self.reconstruct_fn),
+            "_encode": self.kernels.batch_map(self.encode_fn),
+            "_decode": self.kernels.batch_map(self.decode_fn),
+            "_reconstruct": self.kernels.batch_map(self.reconstruct_fn),
             "_encode_global": self._apply(lambda m, h: m.posterior_from_features(h).mode()),
             "_decode_global": self._apply("decode_bottleneck"),
         }
@@ -240,17 +242,20 @@ class Codec:
 
 def codec_from_model(model: AutoencoderKL, config: Config, tiling: Tiling = Tiling()) -> Codec:
     graphdef, params = nnx.split(model)
-    return Codec(config=config, graphdef=graphdef, params=params, dtype=model.dtype, tiling=tiling)
+    return Codec(config=config, graphdef=graphdef, params=params, dtype=model.dtype, tiling=tiling, kernels=model.kernels)
 
 
-def load(path: str | pathlib.Path, *, dtype: str = "float32", tiling: Tiling | str = "auto") -> Codec:
+def load(
+    path: str | pathlib.Path, *, dtype: str = "float32", tiling: Tiling | str = "auto", kernels: str = "auto"
+) -> Codec:
     """Loads a params export (written by convert_torch_weights.py or train.py) as a Codec.
 
     dtype: the compute dtype, "float32" or "bfloat16" (parameters stay as stored).
     tiling: "auto" (tile images above 1024 x 1024 pixels), "always", "never", or a `Tiling`.
+    kernels: "auto" (those of this process's first device), "xla" or "cpu" (`sigmavae_jax.kernels`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} unknown; use one of {sorted(DTYPES)}")
     tiling = tiling if isinstance(tiling, Tiling) else Tiling(tiling)
     params, config = load_params(path)
-    return codec_from_model(build_model(config.model, params, dtype=dtype), config, tiling)
+    return codec_from_model(build_model(config.model, params, dtype=dtype, kernels=kernels), config, tiling)

@@ -148,7 +148,13 @@ class TrainConfig(_Strict):
     trainable: tuple[str, ...] = ()
     ema_decay: float = pydantic.Field(0.9999, ge=0.0, lt=1.0)  # 0: no EMA kept
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False  # recompute ResnetBlock activations in the backward pass
+    # What each ResnetBlock keeps for the backward pass: false, everything; true, its input only
+    # (the block is recomputed: least memory, ~10% more FLOPs); "convs", its input and its
+    # convolutions' outputs (GroupNorm and SiLU are recomputed: few extra FLOPs).
+    remat: bool | Literal["convs"] = False
+    # How convolutions and the GAN's branches are computed (sigmavae_jax.kernels): "auto" picks
+    # "cpu" when the mesh's devices are CPUs and "xla" otherwise (TPU, GPU); same maths either way.
+    kernels: Literal["auto", "xla", "cpu"] = "auto"
     mesh_data: int = -1  # devices along the data axis; -1: all devices / mesh_fsdp
     mesh_fsdp: int = pydantic.Field(1, gt=0)  # devices along the fsdp axis
     fsdp_min_size: int = pydantic.Field(2**18, gt=0)  # params at least this big are sharded over fsdp
@@ -307,6 +313,11 @@ def load_config(name_or_path: str | pathlib.Path | None = None, overrides: list[
         tree = _merge(tree, parse_overrides(list(overrides)))
         source += " + overrides"
     return from_dict(tree, source)
+
+
+def with_overrides(config: Config, overrides: list[str]) -> Config:
+    """`config` with `key.sub=value` overrides applied (validated as `load_config` does)."""
+    return from_dict(_merge(to_dict(config), parse_overrides(list(overrides))), "config + overrides")
 
 
 def to_dict(config: pydantic.BaseModel) -> dict[str, Any]:

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from sigmavae_jax.config import ConfigError
+
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both axes
 
@@ -38,8 +40,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
+    """Raises ConfigError unless `global_batch` splits evenly over the mesh's devices."""
     if global_batch % mesh.size:
-        raise ValueError(
+        raise ConfigError(
             f"global batch size {global_batch} must be a multiple of the {mesh.size} devices; "
             f"use train.batch_size={max(mesh.size, global_batch // mesh.size * mesh.size)}"
         )

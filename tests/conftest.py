@@ -10,6 +10,12 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
 
+# Tests run on the CPU and compile for TPU slices beside each other (libtpu is installed by the
+# test extra): the settings of a compile-only process.
+from sigmavae_jax.topology import compile_only_environment  # noqa: E402
+
+compile_only_environment()
+
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402

@@ -14,7 +14,8 @@ from sigmavae_jax import losses, parallel
 from sigmavae_jax.config import load_config
 from sigmavae_jax.models.lpips import load_lpips
 from sigmavae_jax.train import state as train_state
-from sigmavae_jax.train.step import compile_train_step, conv_kernel_grad, make_train_step, when
+from sigmavae_jax import kernels
+from sigmavae_jax.train.step import compile_train_step, conv_kernel_grad, make_train_step
 
 BATCH, SIZE = 4, 32
 
@@ -34,7 +35,7 @@ def tiny_config(*overrides):
 
 def setup(cfg, mesh):
     """(state, jitted step, lpips variables) for cfg on mesh, from a fixed seed."""
-    modules = train_state.build_modules(cfg)
+    modules = train_state.build_modules(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
     lpips_graph, lpips_vars = lpips_parts() if cfg.loss.perceptual_weight > 0 else (None, None)
     state, shardings = train_state.create_state(cfg, modules, mesh, jax.random.key(cfg.seed))
     step = compile_train_step(make_train_step(cfg, modules, lpips_graph), shardings, mesh, lpips_vars)
@@ -159,12 +160,13 @@ def test_losses_and_adaptive_weight_match_references(pixel, disc_loss):
     assert d_weight > 0 and want["loss/disc"] > 0  # the GAN terms were exercised
 
 
-def test_adaptive_weight_is_the_ratio_of_two_grads():
+@pytest.mark.parametrize("chosen", [kernels.CPU, kernels.XLA])
+def test_adaptive_weight_is_the_ratio_of_two_grads(chosen):
     """The step's cheap adaptive weight (two kernel gradients of conv_out from h and the
     x_hat cotangents) against jax.grad of nll and of g w.r.t. the conv_out kernel through
-    the whole model, on identical inputs in one program."""
+    the whole model, on identical inputs in one program, with either set of kernels."""
     cfg = tiny_config("loss.disc_weight=0.5")
-    modules = train_state.build_modules(cfg)
+    modules = train_state.build_modules(cfg, chosen)
     state = train_state.init_state(cfg, modules, jax.random.key(5))
     x = jnp.asarray(images((BATCH, SIZE, SIZE, 3), seed=11))
 
@@ -278,34 +280,39 @@ def test_non_finite_batch_is_skipped_and_changes_nothing():
     assert int(metrics["skipped"]) == 0 and float(metrics["d_weight"]) == cfg.loss.disc_weight
 
 
-@pytest.mark.parametrize("backend", ["cpu", "tpu"])  # "tpu": the lax.cond form, traced here on CPU
-def test_when_selects_the_taken_branch_and_hides_the_other(monkeypatch, backend):
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
-    x, kernel = jnp.ones((1, 4, 4, 2)), jnp.full((3, 3, 2, 3), 0.5)
-
-    def compute():  # a kernel gradient, as in the discriminator's branch, and a value that is
-        grad = jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(kernel)  # NaN when not taken below
-        return grad, jnp.log(jnp.sum(grad) - 1e6)
-
-    def otherwise():
-        return jnp.zeros_like(kernel), jnp.zeros(())
-
-    run = jax.jit(lambda active: when(active, compute, otherwise))
-    grad, value = run(True)
-    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(kernel)), rtol=1e-6)
-    assert np.isnan(value)  # log of a negative number: the taken branch is returned as is
-    grad, value = run(False)
-    assert not np.any(grad) and value == 0.0
-
-
-@pytest.mark.parametrize("backend, conditionals", [("cpu", 0), ("tpu", 2)])
-def test_cpu_step_has_no_conditional_branches(monkeypatch, backend, conditionals):
-    """On CPU the discriminator's convolutions must not sit in a conditional branch (XLA's CPU
-    backend compiles those ~47x slower, see train.step.when); accelerators keep both branches."""
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    cfg = tiny_config("loss.perceptual_weight=0", "loss.disc_start=1")
+@pytest.mark.parametrize("setting, conditionals, cpu_kernels", [("auto", 0, True), ("xla", 2, False)])
+def test_cpu_mesh_step_is_the_cpu_program(setting, conditionals, cpu_kernels):
+    """For a CPU mesh ("auto") the discriminator's convolutions sit in no conditional branch
+    (XLA's CPU backend compiles those ~47x slower) and the convs take the CPU kernels
+    (their ops are named so); the XLA kernels keep both branches and none of the CPU kernels."""
+    cfg = tiny_config("loss.perceptual_weight=0", "loss.disc_start=1", f"train.kernels={setting}")
     mesh = single_device_mesh()
     state, step, lpips_vars, _ = setup(cfg, mesh)
-    program = step.lower(state, parallel.global_batch(images((BATCH, SIZE, SIZE, 3)), mesh), lpips_vars).as_text()
+    batch = parallel.global_batch(images((BATCH, SIZE, SIZE, 3)), mesh)
+    program = step.lower(state, batch, lpips_vars).as_text(debug_info=True)
     assert program.count("stablehlo.case") + program.count("stablehlo.if") == conditionals
+    assert (f"/{kernels.CPU_SCOPE}/" in program) == cpu_kernels
+
+
+def test_remat_settings_give_the_same_gradients_and_keep_less():
+    """train.remat: False keeps every activation, "convs" the blocks' inputs and conv outputs,
+    True the blocks' inputs only; the gradients are the same (XLA kernels, as on a TPU)."""
+    from sigmavae_jax.models.autoencoder import AutoencoderKL
+
+    model_cfg = tiny_config().model
+    x = jnp.asarray(images((1, 16, 16, 3), seed=4))
+    grads, kept = {}, {}
+    for remat in (False, "convs", True):
+        graph, params = nnx.split(AutoencoderKL(model_cfg, rngs=nnx.Rngs(0), remat=remat, kernels=kernels.XLA))
+
+        def loss(params):
+            return jnp.mean(jnp.abs(nnx.merge(graph, params)(x)[0] - x))
+
+        with jax.default_matmul_precision("highest"):
+            pullback = jax.jit(lambda p: jax.vjp(loss, p)[1])(params)  # a pytree: its leaves are what is kept
+            grads[remat] = jax.jit(lambda pullback: pullback(jnp.ones(()))[0])(pullback)
+        kept[remat] = sum(leaf.size for leaf in jax.tree.leaves(pullback))
+    for remat in ("convs", True):
+        for got, want in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads[False])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert kept[True] < kept["convs"] < kept[False]

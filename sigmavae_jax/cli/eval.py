@@ -13,6 +13,8 @@ import logging
 import pathlib
 import sys
 
+from sigmavae_jax.cli import dry_run
+
 EXAMPLES = """\
 examples:
   # the reference protocol on ImageNet val (50k, 256^2) for a converted FLUX VAE (posterior sampled)
@@ -25,6 +27,9 @@ examples:
   # a VAE on the Hugging Face Hub (owner/name[/subfolder][@revision]; fetched, converted once, cached)
   python eval.py --checkpoint stabilityai/sdxl-vae --sample-posterior data.path=heldout/ --num-images 1000
 
+  # before renting a slice: encode and decode compiled for it here (the model from --config)
+  python eval.py --dry-run --topology v5litepod-4 --config flux --size 256 --batch-size 64 --dtype bfloat16
+
 rFID needs the FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth converted
 with `python convert_torch_weights.py pt_inception-2015-12-05-6726825d.pth inception.npz --inception`;
 without --inception the other metrics are reported and rFID is n/a.
@@ -34,7 +39,7 @@ without --inception the other metrics are reported and rFID is n/a.
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Reconstruction metrics of a sigmavae_jax VAE.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a params export, a training workdir (its latest export), or a Hugging Face Hub "
+    parser.add_argument("--checkpoint", help="a params export, a training workdir (its latest export), or a Hugging Face Hub "
                         "VAE owner/name[/subfolder][@revision] (e.g. stabilityai/sdxl-vae), converted once and cached")
     parser.add_argument("--ema", action="store_true", help="with a workdir: the EMA export")
     parser.add_argument("--config", help="YAML or configs/ name supplying the data section (key=value overrides apply)")
@@ -69,6 +74,7 @@ def parse_args(argv):
     parser.add_argument("--compare", action="append", default=[], metavar="CHECKPOINT",
                         help="with --robustness or --figures: more checkpoints, drawn as further lines / row groups / "
                         "histograms")
+    dry_run.add_arguments(parser, "encode and decode (the model from --config) at --size and --batch-size")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.source=folder data.path=DIR")
     return parser.parse_args(argv)
 
@@ -106,6 +112,11 @@ def default_out(checkpoint: str, export: pathlib.Path) -> pathlib.Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    if args.dry_run or args.topology:
+        return compile_only(args)
+    if not args.checkpoint:
+        print("error: --checkpoint is required (a params export, a workdir or a Hub name)", file=sys.stderr)
+        return 2
     import sigmavae_jax
     from sigmavae_jax.config import ConfigError, load_config
     from sigmavae_jax import viz
@@ -180,6 +191,22 @@ def main(argv=None) -> int:
     print("| model | rFID | PSNR | SSIM | LPIPS |\n|---|---|---|---|---|")
     print(markdown_row(args.name or model_label(args.checkpoint, export), report))
     return 0
+
+
+def compile_only(args) -> int:
+    from sigmavae_jax.config import ConfigError, load_config
+    from sigmavae_jax.topology import UnknownTopology
+
+    if not (args.dry_run and args.topology and args.config):
+        print("error: --dry-run needs --topology NAME and --config (the model section, e.g. flux); "
+              "--topology needs --dry-run", file=sys.stderr)
+        return 2
+    try:
+        model_cfg = load_config(args.config, args.overrides).model
+        return dry_run.codec(model_cfg, args.topology, size=args.size, batch_size=args.batch_size, dtype=args.dtype)
+    except (ConfigError, UnknownTopology, RuntimeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

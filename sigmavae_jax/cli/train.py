@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from sigmavae_jax.cli import dry_run
 from sigmavae_jax.config import ConfigError, describe_keys, load_config
 
 EXAMPLES = """\
@@ -27,6 +28,10 @@ examples:
 
   # a TPU VM pod slice: the same command on every host, plus --multihost
   python train.py --config configs/sd.yaml --multihost data.source=tfds data.dir=gs://... workdir=gs://...
+
+  # before renting a slice: compile the exact step for it here and see HBM, FLOPs, images/s
+  python train.py --config configs/nextstep1_f8c16.yaml --dry-run --topology v5litepod-16 \\
+      train.compute_dtype=bfloat16 train.batch_size=128 --find-batch
 
 Run the same command again to resume from the latest checkpoint in workdir.
 
@@ -48,6 +53,11 @@ def parse_args(argv):
     parser.add_argument("--coordinator", metavar="HOST:PORT", help="explicit multi-process launch: the coordinator address")
     parser.add_argument("--num-processes", type=int, help="explicit multi-process launch: number of processes")
     parser.add_argument("--process-id", type=int, help="explicit multi-process launch: this process's index")
+    dry_run.add_arguments(parser, "the step")
+    parser.add_argument("--find-batch", action="store_true",
+                        help="with --dry-run: find the largest per-chip batch that fits (doubling, then bisection)")
+    parser.add_argument("--dump-top", type=int, default=0, metavar="N",
+                        help="with --dry-run: list the N operations of the compiled step that move the most HBM bytes")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=1000")
     return parser.parse_args(argv)
 
@@ -61,6 +71,8 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.dry_run or args.topology or args.find_batch:
+        return compile_only(args, cfg)
     from sigmavae_jax import parallel
     from sigmavae_jax.train.loop import TrainingDiverged, train
 
@@ -81,6 +93,20 @@ def main(argv=None) -> int:
         return 3
     print(f"{result.reason} at step {result.step}; workdir {result.workdir}" + (f"; params export {result.export}" if result.export else ""))
     return 0
+
+
+def compile_only(args, cfg) -> int:
+    from sigmavae_jax.topology import UnknownTopology
+
+    if not (args.dry_run and args.topology):
+        print("error: --dry-run needs --topology NAME (e.g. v5litepod-4), and --topology/--find-batch need --dry-run",
+              file=sys.stderr)
+        return 2
+    try:
+        return dry_run.train(cfg, args.topology, find_batch=args.find_batch, dump_top=args.dump_top)
+    except (ConfigError, UnknownTopology, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sigmavae_jax.config import ModelConfig
+from sigmavae_jax.kernels import XLA, Kernels
 from sigmavae_jax.models import latent
 from sigmavae_jax.models.layers import (
     AttnBlock,
@@ -25,12 +26,12 @@ from sigmavae_jax.models.layers import (
 class MidBlock(nnx.Module):
     """block_1 -> attn_1 -> block_2 at the lowest resolution."""
 
-    def __init__(self, channels: int, *, attention: bool, groups: int, dtype, rngs: nnx.Rngs):
-        self.block_1 = ResnetBlock(channels, channels, groups=groups, dtype=dtype, rngs=rngs)
+    def __init__(self, channels: int, *, attention: bool, groups: int, dtype, kernels: Kernels, rngs: nnx.Rngs):
+        self.block_1 = ResnetBlock(channels, channels, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
         self.attn_1 = (
             AttnBlock(channels, groups=groups, dtype=dtype, rngs=rngs) if attention else None
         )
-        self.block_2 = ResnetBlock(channels, channels, groups=groups, dtype=dtype, rngs=rngs)
+        self.block_2 = ResnetBlock(channels, channels, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.block_1(x)
@@ -43,10 +44,17 @@ def _apply(module: nnx.Module, x: jax.Array) -> jax.Array:
     return module(x)
 
 
+Remat = bool | str  # False | True | "convs" (see config.TrainConfig.remat)
+# What a rematerialised block saves for its backward pass, besides its input.
+REMAT_POLICIES = {True: jax.checkpoint_policies.nothing_saveable, "convs": jax.checkpoint_policies.dots_saveable}
+
+
 class Level(nnx.Module):
     """One resolution: `block` (a list of ResnetBlocks), then an optional resampler."""
 
-    def __init__(self, blocks: list[ResnetBlock], downsample=None, upsample=None, remat: bool = False):
+    def __init__(self, blocks: list[ResnetBlock], downsample=None, upsample=None, remat: Remat = False):
+        if remat and remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} unknown; use False, True or 'convs'")
         self.block = nnx.List(blocks)
         self.downsample = downsample
         self.upsample = upsample
@@ -54,8 +62,8 @@ class Level(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for block in self.block:
-            # remat: keep only block inputs for the backward pass, recompute the rest
-            x = nnx.remat(_apply)(block, x) if self.remat else block(x)
+            # remat: keep only block inputs (and with "convs" the conv outputs) for the backward pass
+            x = nnx.remat(_apply, policy=REMAT_POLICIES[self.remat])(block, x) if self.remat else block(x)
         if self.downsample is not None:
             x = self.downsample(x)
         if self.upsample is not None:
@@ -66,24 +74,24 @@ class Level(nnx.Module):
 class Encoder(nnx.Module):
     """(B, H, W, in_channels) in [-1, 1] -> moments (B, H/f, W/f, 2z)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, cfg: ModelConfig, *, dtype, kernels: Kernels, rngs: nnx.Rngs, remat: Remat = False):
         groups = cfg.norm_groups
-        self.conv_in = conv(cfg.in_channels, cfg.ch, 3, dtype=dtype, rngs=rngs)
+        self.conv_in = conv(cfg.in_channels, cfg.ch, 3, dtype=dtype, kernels=kernels, rngs=rngs)
         levels = []
         block_in = cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
             block_out = cfg.ch * mult
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, groups=groups, dtype=dtype, rngs=rngs))
+                blocks.append(ResnetBlock(block_in, block_out, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs))
                 block_in = block_out
             last = i == len(cfg.ch_mult) - 1
-            down = None if last else Downsample(block_in, dtype=dtype, rngs=rngs)
+            down = None if last else Downsample(block_in, dtype=dtype, kernels=kernels, rngs=rngs)
             levels.append(Level(blocks, downsample=down, remat=remat))
         self.down = nnx.List(levels)
-        self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, rngs=rngs)
+        self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
         self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
-        self.conv_out = conv(block_in, 2 * cfg.z_channels, 3, dtype=dtype, rngs=rngs)
+        self.conv_out = conv(block_in, 2 * cfg.z_channels, 3, dtype=dtype, kernels=kernels, rngs=rngs)
 
     def downsample_features(self, x: jax.Array) -> jax.Array:
         """conv_in and the levels: the local part, (B, H/f, W/f, ch * ch_mult[-1])."""
@@ -103,24 +111,24 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """(B, h, w, z) latent -> (B, h*f, w*f, out_channels) image (no tanh)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, cfg: ModelConfig, *, dtype, kernels: Kernels, rngs: nnx.Rngs, remat: Remat = False):
         groups = cfg.norm_groups
         block_in = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = conv(cfg.z_channels, block_in, 3, dtype=dtype, rngs=rngs)
-        self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, rngs=rngs)
+        self.conv_in = conv(cfg.z_channels, block_in, 3, dtype=dtype, kernels=kernels, rngs=rngs)
+        self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
         levels = {}
         for i in reversed(range(len(cfg.ch_mult))):
             block_out = cfg.ch * cfg.ch_mult[i]
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, groups=groups, dtype=dtype, rngs=rngs))
+                blocks.append(ResnetBlock(block_in, block_out, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs))
                 block_in = block_out
-            up = Upsample(block_in, dtype=dtype, rngs=rngs) if i != 0 else None
+            up = Upsample(block_in, dtype=dtype, kernels=kernels, rngs=rngs) if i != 0 else None
             levels[i] = Level(blocks, upsample=up, remat=remat)
         # up[0] is the full-resolution level, as in LDM checkpoints; it runs last.
         self.up = nnx.List([levels[i] for i in range(len(cfg.ch_mult))])
         self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
-        self.conv_out = conv(block_in, cfg.out_channels, 3, dtype=dtype, rngs=rngs)
+        self.conv_out = conv(block_in, cfg.out_channels, 3, dtype=dtype, kernels=kernels, rngs=rngs)
 
     def bottleneck(self, z: jax.Array) -> jax.Array:
         """conv_in and the mid block (global attention), at the latent resolution."""
@@ -173,19 +181,24 @@ class AutoencoderKL(nnx.Module):
     """The LDM KL autoencoder with the posterior, latent norm and Sigma-VAE noise of `cfg`.
 
     Images are NHWC floats in [-1, 1]; latents are NHWC and unscaled (see `scale`).
-    `dtype` is the compute dtype (parameters stay float32); `remat` recomputes ResnetBlock
-    activations in the backward pass to save memory at high resolution.
+    `dtype` is the compute dtype (parameters stay float32); `remat` (True, or "convs" to keep
+    the conv outputs) recomputes ResnetBlock activations in the backward pass to save memory
+    at high resolution; `kernels` computes
+    the convolutions (`sigmavae_jax.kernels`; the same parameters and maths either way).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False):
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: Remat = False, kernels: Kernels = XLA
+    ):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
-        self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs, remat=remat)
-        self.decoder = Decoder(cfg, dtype=dtype, rngs=rngs, remat=remat)
+        self.kernels = kernels
+        self.encoder = Encoder(cfg, dtype=dtype, kernels=kernels, rngs=rngs, remat=remat)
+        self.decoder = Decoder(cfg, dtype=dtype, kernels=kernels, rngs=rngs, remat=remat)
         z2 = 2 * cfg.z_channels
-        self.quant_conv = conv(z2, z2, 1, dtype=dtype, rngs=rngs) if cfg.use_quant_conv else None
+        self.quant_conv = conv(z2, z2, 1, dtype=dtype, kernels=kernels, rngs=rngs) if cfg.use_quant_conv else None
         self.post_quant_conv = (
-            conv(cfg.z_channels, cfg.z_channels, 1, dtype=dtype, rngs=rngs)
+            conv(cfg.z_channels, cfg.z_channels, 1, dtype=dtype, kernels=kernels, rngs=rngs)
             if cfg.use_post_quant_conv
             else None
         )

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sigmavae_jax.kernels import Kernels
+
 Dtype = jnp.dtype | type
 
 
@@ -89,80 +91,6 @@ class GroupNorm(nnx.GroupNorm):
         return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-# XLA's CPU kernel gradient of a 3x3 conv is a conv whose window is the whole image and
-# whose contraction depth is the batch; it slows down as the image grows (128x128, batch 2:
-# ~90 GFLOP/s whole, ~125 in pieces of 8192 pixels; `bench/op_profile.py --layers`). Pieces are unrolled,
-# so their number is capped to bound the program size.
-KERNEL_GRAD_PIXELS = 8192
-KERNEL_GRAD_MAX_PIECES = 16
-
-
-def _same_conv(x: jax.Array, kernel: jax.Array, row_padding=(1, 1)) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), (row_padding, (1, 1)), dimension_numbers=_NHWC)
-
-
-def kernel_grad_pieces(batch: int, height: int, width: int) -> tuple[int, int]:
-    """(images, rows) per piece of a 3x3 kernel gradient on CPU: whole batches of fewer rows,
-    at least 8, about KERNEL_GRAD_PIXELS pixels a piece, at most KERNEL_GRAD_MAX_PIECES pieces."""
-    pixels = max(KERNEL_GRAD_PIXELS, -(-batch * height * width // KERNEL_GRAD_MAX_PIECES))
-    rows = pixels // (batch * width)
-    if rows >= 8:
-        return batch, min(rows, height)
-    return max(1, pixels // (8 * width)), 8
-
-
-@jax.custom_vjp
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A 3x3 conv, stride 1, padding 1 (NHWC, HWIO). On CPU its kernel gradient is summed
-    over pieces of the batch and rows (`kernel_grad_pieces`); elsewhere it is XLA's own."""
-    return _same_conv(x, kernel)
-
-
-def _conv3x3_forward(x, kernel):
-    return _same_conv(x, kernel), (x, kernel)
-
-
-def _conv3x3_backward(saved, cotangent):
-    x, kernel = saved
-    dx = jax.vjp(lambda x: _same_conv(x, kernel), x)[1](cotangent)[0]
-    b, h, w, _ = x.shape
-    images, rows = kernel_grad_pieces(b, h, w) if jax.default_backend() == "cpu" else (b, h)
-    x_rows = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))  # each piece takes its halo rows from here
-    dkernel = jnp.zeros(kernel.shape, jnp.float32)
-    for i in range(0, b, images):
-        for r in range(0, h, rows):
-            piece = x_rows[i : i + images, r : r + min(rows, h - r) + 2]
-            grad = jax.vjp(lambda k: _same_conv(piece, k, (0, 0)), kernel)[1](cotangent[i : i + images, r : r + rows])[0]
-            dkernel = dkernel + grad.astype(jnp.float32)
-    return dx, dkernel.astype(kernel.dtype)
-
-
-conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
-
-
-class Conv(nnx.Conv):
-    """nnx.Conv (same parameters) computing 3x3 stride-1 'same' convs with `conv3x3` and 1x1
-    convs as a matrix product, which XLA's CPU backend runs 2-3x faster than a 1x1 conv."""
-
-    def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-        """This conv of `x` with `kernel` in place of its own, without the bias or casts: the
-        form the model computes, for gradients with respect to the kernel too."""
-        size, stride = tuple(self.kernel_size), self.strides
-        if size == (1, 1) and stride in (1, (1, 1)) and self.padding == [(0, 0), (0, 0)]:
-            return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
-        if size == (3, 3) and stride in (1, (1, 1)) and self.padding == [(1, 1), (1, 1)]:
-            return conv3x3(x, kernel)
-        strides = (stride,) * 2 if isinstance(stride, int) else tuple(stride)
-        return jax.lax.conv_general_dilated(x, kernel, strides, self.padding, dimension_numbers=_NHWC)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or x.dtype
-        y = self.apply_kernel(x.astype(dtype), self.kernel[...].astype(dtype))
-        return y + self.bias[...].astype(dtype) if self.bias is not None else y
-
-
 def conv(
     in_features: int,
     out_features: int,
@@ -170,35 +98,45 @@ def conv(
     *,
     rngs: nnx.Rngs,
     dtype: Dtype,
+    kernels: Kernels,
     stride: int = 1,
     padding=None,
-) -> Conv:
-    """A conv with torch's symmetric `kernel // 2` padding unless `padding` is given."""
+) -> nnx.Conv:
+    """An NHWC conv with torch's symmetric `kernel // 2` padding unless `padding` is given,
+    computed by `kernels.conv_general_dilated`."""
     if padding is None:
         padding = [(kernel // 2, kernel // 2)] * 2
-    return Conv(
+    return nnx.Conv(
         in_features,
         out_features,
         (kernel, kernel),
         strides=stride,
         padding=padding,
         dtype=dtype,
+        conv_general_dilated=kernels.conv_general_dilated,
         rngs=rngs,
     )
+
+
+def conv_with_kernel(conv: nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`conv` of NHWC `x` with `kernel` in place of its own, computed by the conv's own
+    function, without its bias or dtype casts (for gradients with respect to the kernel)."""
+    strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
+    return conv.conv_general_dilated(x, kernel, strides, conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class ResnetBlock(nnx.Module):
     """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> conv3x3, plus the residual."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, groups: int, dtype: Dtype, rngs: nnx.Rngs
+        self, in_channels: int, out_channels: int, *, groups: int, dtype: Dtype, kernels: Kernels, rngs: nnx.Rngs
     ):
         self.norm1 = GroupNorm(in_channels, num_groups=groups, rngs=rngs)
-        self.conv1 = conv(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        self.conv1 = conv(in_channels, out_channels, 3, dtype=dtype, kernels=kernels, rngs=rngs)
         self.norm2 = GroupNorm(out_channels, num_groups=groups, rngs=rngs)
-        self.conv2 = conv(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        self.conv2 = conv(out_channels, out_channels, 3, dtype=dtype, kernels=kernels, rngs=rngs)
         self.nin_shortcut = (
-            conv(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
+            conv(in_channels, out_channels, 1, dtype=dtype, kernels=kernels, rngs=rngs)
             if in_channels != out_channels
             else None
         )
@@ -251,89 +189,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 class Downsample(nnx.Module):
     """Zero-pad right and bottom by one, then conv3x3 stride 2 (LDM's asymmetric padding)."""
 
-    def __init__(self, channels: int, *, dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, dtype: Dtype, kernels: Kernels, rngs: nnx.Rngs):
         self.conv = conv(
-            channels, channels, 3, stride=2, padding=[(0, 1), (0, 1)], dtype=dtype, rngs=rngs
+            channels, channels, 3, stride=2, padding=[(0, 1), (0, 1)], dtype=dtype, kernels=kernels, rngs=rngs
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
 
 
-def _fold_taps(kernel: jax.Array, axis: int) -> jax.Array:
-    """Along one axis, nearest x2 followed by a 3-tap filter (padding 1) is, for even outputs
-    2i, the taps (k0, k1 + k2) on inputs (i - 1, i) and, for odd outputs 2i + 1, (k0 + k1, k2)
-    on (i, i + 1). Returns (output phase, folded tap, ...) with `axis` (3 taps) removed."""
-    k0, k1, k2 = (jnp.take(kernel, tap, axis=axis) for tap in range(3))
-    return jnp.stack([jnp.stack([k0, k1 + k2]), jnp.stack([k0 + k1, k2])])
-
-
-def _phase_kernel(kernel: jax.Array) -> jax.Array:
-    """(3, 3, C_in, C_out) -> the (2, 2, C_in, 4 * C_out) kernel of the four output phases.
-    Sums of taps, not an einsum with a 0/1 matrix: XLA ran that as thin matrix products plus
-    layout copies, ~0.1 s of each SD training step."""
-    rows = _fold_taps(kernel, 0)  # (a, p, j, C_in, C_out): a the row phase, p the row tap
-    both = _fold_taps(rows, 2)  # (b, q, a, p, C_in, C_out)
-    phases = both.transpose(3, 1, 4, 2, 0, 5)  # (p, q, C_in, a, b, C_out)
-    return phases.reshape(2, 2, kernel.shape[2], 4 * kernel.shape[3])
-
-
-@jax.custom_vjp
-def upsampled_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Nearest x2, then a 3x3 conv (padding 1), without the x2 image: each of the four output phases is a
-    2x2 conv of the input with taps folded from the 3x3 kernel, all four as one conv with 4x
-    the output channels: 16 instead of 36 multiply-adds per input pixel and channel pair.
-    The gradients (`_upsampled_conv_backward`) are taken the same way."""
-    b, h, w, _ = x.shape
-    c_out = kernel.shape[-1]
-    y = jax.lax.conv_general_dilated(x, _phase_kernel(kernel), (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
-    # (B, H + 1, W + 1, 4 * C_out): phase (a, b) of output pixel (i, j) sits at (i + a, j + b)
-    y = y.reshape(b, h + 1, w + 1, 2, 2, c_out)
-    rows = [jnp.stack([y[:, a : a + h, c : c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)]
-    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c_out)  # (B, H, 2, W, 2, C) -> (B, 2H, 2W, C)
-
-
-def _upsampled_conv_forward(x, kernel):
-    return upsampled_conv(x, kernel), (x, kernel)
-
-
-def _upsampled_conv_backward(saved, cotangent):
-    """Written by hand because XLA's CPU gradient of the 2x2, 4x-wide conv runs 30x slower
-    than its forward. With z the cotangent laid out like the forward's (H + 1, W + 1, 4 C)
-    output: the input gradient is a forward conv of z with the flipped, transposed phase
-    kernel; the kernel gradient is four matrix products (one per 2x2 tap) of the shifted
-    input with z, folded back to 3x3 through the phase map's own transpose."""
-    x, kernel = saved
-    b, h, w, c_in = x.shape
-    c_out = kernel.shape[-1]
-    phases, fold_back = jax.vjp(_phase_kernel, kernel)
-    dy = cotangent.reshape(b, h, 2, w, 2, c_out)
-    z = jnp.stack(
-        [jnp.stack([jnp.pad(dy[:, :, a, :, c], ((0, 0), (a, 1 - a), (c, 1 - c), (0, 0))) for c in (0, 1)], axis=3)
-         for a in (0, 1)],
-        axis=3,
-    ).reshape(b, h + 1, w + 1, 4 * c_out)
-    flipped = jnp.flip(phases, (0, 1)).transpose(0, 1, 3, 2)  # (2, 2, 4 C_out, C_in)
-    dx = jax.lax.conv_general_dilated(z, flipped, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
-    x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    d_phases = jnp.stack([
-        jnp.stack([jnp.einsum("bhwc,bhwo->co", x_pad[:, p : p + h + 1, q : q + w + 1], z) for q in (0, 1)])
-        for p in (0, 1)
-    ])
-    return dx[:, 1 : h + 1, 1 : w + 1].astype(x.dtype), fold_back(d_phases.astype(phases.dtype))[0]
-
-
-upsampled_conv.defvjp(_upsampled_conv_forward, _upsampled_conv_backward)
-
-
 class Upsample(nnx.Module):
-    """Nearest-neighbour x2, then conv3x3 (parameters as in the checkpoints; computed by
-    `upsampled_conv`)."""
+    """Nearest-neighbour x2, then conv3x3: (B, H, W, C) -> (B, 2H, 2W, C). The parameters are
+    the checkpoints' conv; `kernels.upsampled_conv` computes it without the x2 image."""
 
-    def __init__(self, channels: int, *, dtype: Dtype, rngs: nnx.Rngs):
-        self.conv = conv(channels, channels, 3, dtype=dtype, rngs=rngs)
+    def __init__(self, channels: int, *, dtype: Dtype, kernels: Kernels, rngs: nnx.Rngs):
+        self.conv = conv(channels, channels, 3, dtype=dtype, kernels=kernels, rngs=rngs)
+        self.upsampled_conv = kernels.upsampled_conv
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.conv.dtype
-        out = upsampled_conv(x.astype(dtype), self.conv.kernel[...].astype(dtype))
+        out = self.upsampled_conv(x.astype(dtype), self.conv.kernel[...].astype(dtype))
         return out + self.conv.bias[...].astype(out.dtype)

@@ -19,12 +19,11 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sigmavae_jax import data, parallel, viz
-from sigmavae_jax.api import DTYPES, check_params
+from sigmavae_jax.api import check_params
 from sigmavae_jax.checkpoint import Checkpointer, export_params, load_params, with_shardings
 from sigmavae_jax.config import Config, ConfigError, to_dict
-from sigmavae_jax.models.lpips import load_lpips
-from sigmavae_jax.train.state import Modules, TrainState, build_modules, create_state, learning_rate_schedule
-from sigmavae_jax.train.step import compile_train_step, make_train_step
+from sigmavae_jax.train.program import build_program
+from sigmavae_jax.train.state import Modules, TrainState, create_state, learning_rate_schedule
 
 log = logging.getLogger("sigmavae_jax")
 PREVIEW_IMAGES = 8
@@ -148,11 +147,8 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
     workdir.mkdir(parents=True, exist_ok=True)
     main_process = jax.process_index() == 0
     mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
-    parallel.check_batch_size(cfg.train.batch_size, mesh)
-    modules = build_modules(cfg)
-    lpips_graph = lpips_vars = None
-    if cfg.loss.perceptual_weight > 0:
-        lpips_graph, lpips_vars = nnx.split(load_lpips(cfg.loss.lpips_weights, dtype=DTYPES[cfg.train.compute_dtype]))
+    program = build_program(cfg, mesh)
+    modules, lpips_vars = program.modules, program.lpips_vars
     vae_params = _init_params(init, cfg) if init else None
     state, shardings = create_state(cfg, modules, mesh, jax.random.key(cfg.seed), vae_params)
 
@@ -165,7 +161,7 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
     if main_process:
         (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
-    step_fn = compile_train_step(make_train_step(cfg, modules, lpips_graph), shardings, mesh, lpips_vars)
+    step_fn = program.step
     batch = parallel.global_batch(next(iterator), mesh)
     start = time.perf_counter()
     step_fn = step_fn.lower(state, batch, lpips_vars).compile()

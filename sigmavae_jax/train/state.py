@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from sigmavae_jax import parallel
 from sigmavae_jax.api import DTYPES, flatten_params, unflatten_params
 from sigmavae_jax.config import Config, OptimConfig
+from sigmavae_jax.kernels import XLA, Kernels
 from sigmavae_jax.models.autoencoder import AutoencoderKL
 from sigmavae_jax.models.discriminator import NLayerDiscriminator
 
@@ -50,6 +51,7 @@ class Modules:
     gen_tx: optax.GradientTransformation
     disc_tx: optax.GradientTransformation
     trained_paths: frozenset  # flat paths of the VAE params the generator optimizer updates
+    kernels: Kernels  # how convolutions and the GAN's branches are computed (the compile target's)
 
 
 def learning_rate_schedule(cfg: OptimConfig, lr: float, total_steps: int) -> optax.Schedule:
@@ -99,10 +101,14 @@ def generator_labels(vae_params: dict[str, Any], trained: frozenset, learn_logva
     return {"vae": unflatten_params(flat), "logvar": TRAINED if learn_logvar else FROZEN}
 
 
-def build_modules(cfg: Config, vae_params_shape: dict[str, Any] | None = None) -> Modules:
-    """Module graphs (compute dtype and remat from cfg.train) and the two optimizers."""
+def build_modules(cfg: Config, kernels: Kernels = XLA) -> Modules:
+    """Module graphs (compute dtype and remat from cfg.train, convolutions by `kernels`: pass
+    `kernels.for_mesh(cfg.train.kernels, mesh)` for the mesh the step is compiled for) and the
+    two optimizers."""
     dtype = DTYPES[cfg.train.compute_dtype]
-    vae = nnx.eval_shape(lambda: AutoencoderKL(cfg.model, rngs=nnx.Rngs(0), dtype=dtype, remat=cfg.train.remat))
+    vae = nnx.eval_shape(
+        lambda: AutoencoderKL(cfg.model, rngs=nnx.Rngs(0), dtype=dtype, remat=cfg.train.remat, kernels=kernels)
+    )
     disc = nnx.eval_shape(
         lambda: NLayerDiscriminator(cfg.discriminator, in_channels=cfg.model.out_channels, rngs=nnx.Rngs(0), dtype=dtype)
     )
@@ -115,7 +121,9 @@ def build_modules(cfg: Config, vae_params_shape: dict[str, Any] | None = None) -
         {TRAINED: adam(cfg.optim, cfg.optim.lr, cfg.train.steps), FROZEN: optax.set_to_zero()}, labels
     )
     disc_tx = adam(cfg.optim, cfg.optim.disc_lr or cfg.optim.lr, cfg.train.steps)
-    return Modules(vae=vae_graph, disc=disc_graph, gen_tx=gen_tx, disc_tx=disc_tx, trained_paths=trained)
+    return Modules(
+        vae=vae_graph, disc=disc_graph, gen_tx=gen_tx, disc_tx=disc_tx, trained_paths=trained, kernels=kernels
+    )
 
 
 def init_state(cfg: Config, modules: Modules, key: jax.Array, vae_params: dict[str, Any] | None = None) -> TrainState:
@@ -141,12 +149,19 @@ def init_state(cfg: Config, modules: Modules, key: jax.Array, vae_params: dict[s
     )
 
 
+def state_shardings(cfg: Config, modules: Modules, mesh: Mesh) -> TrainState:
+    """The shardings of every TrainState leaf on `mesh`: replicated, or FSDP-split for big
+    arrays (`parallel.tree_shardings`)."""
+    shapes = jax.eval_shape(lambda key: init_state(cfg, modules, key), jax.random.key(0))
+    return parallel.tree_shardings(mesh, shapes, cfg.train.fsdp_min_size)
+
+
 def create_state(
     cfg: Config, modules: Modules, mesh: Mesh, key: jax.Array, vae_params: dict[str, Any] | None = None
 ) -> tuple[TrainState, TrainState]:
     """A TrainState born sharded over `mesh` (never materialised on one device first),
-    and the shardings of its leaves: replicated, or FSDP-split for big arrays."""
+    and the shardings of its leaves (`state_shardings`)."""
     init = lambda key, vae_params: init_state(cfg, modules, key, vae_params)  # noqa: E731
-    shardings = parallel.tree_shardings(mesh, jax.eval_shape(init, key, vae_params), cfg.train.fsdp_min_size)
+    shardings = state_shardings(cfg, modules, mesh)
     state = jax.jit(init, out_shardings=shardings)(key, vae_params)
     return state, shardings

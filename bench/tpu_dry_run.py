@@ -1,0 +1,247 @@
+"""The TPU programs, measured by compiling them on this host (bf16, 256 x 256, v5litepod-4 unless
+--topology says otherwise): HBM per chip, FLOPs and HBM bytes per image from the compiled
+programs' own analyses, the roofline-bound images/s and the largest batch per chip.
+
+- ns1: the NextStep-1 fine-tune step (configs/nextstep1_f8c16.yaml), default settings and the
+  memory setting (train.remat=true).
+- vae: the SD-config VAE forward and backward (L1 + 1e-6 KL on a posterior sample) against
+  diffusers 0.39's FlaxAutoencoderKL, the only other Flax AutoencoderKL, compiled the same
+  way. The peer is installed into bench/.peer (pip --target), not into our environment.
+
+A full-size compile takes 3-4 minutes on 2 cores, so the largest batch is predicted from the
+per-image slope of the HBM total between two batch sizes and confirmed by one compile.
+Each compile runs in its own process, two at a time (--jobs). Ends with one JSON line.
+
+    python bench/tpu_dry_run.py [--topology v5litepod-4 v5litepod-16] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PEER_DIR = ROOT / "bench" / ".peer"
+PEER = "diffusers==0.39.0"
+SIZE = 256
+BATCHES = (8, 16)  # per chip: the reported batch, and the second point of the memory slope
+MARGIN = 0.985  # of the datasheet HBM: the compiler keeps a little for itself (15.75 of 16 GiB on v5e)
+
+# name -> (what it compiles, config overrides)
+MEASUREMENTS = {
+    "ns1": ("step", []),
+    "ns1_remat": ("step", ["train.remat=true"]),
+    "vae": ("vae", []),
+    "vae_remat": ("vae", ["train.remat=true"]),
+    "peer": ("peer", []),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# One compile, in a process of its own: `python bench/tpu_dry_run.py --one NAME TOPOLOGY B`.
+
+
+def _vae_program(model, mesh, per_chip: int):
+    """Our SD VAE's forward and backward, jitted for `mesh` (parameters replicated, the batch
+    split), at abstract arguments."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from sigmavae_jax import losses, parallel
+
+    graph, params = nnx.split(model)
+    replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+    def grads(params, x, key):
+        def loss_fn(params):
+            vae = nnx.merge(graph, params)
+            posterior = vae.posterior(x)
+            x_hat = vae.decode(posterior.sample(key))
+            return jax.numpy.mean(jax.numpy.abs(x - x_hat)) + 1e-6 * losses.kl_loss(posterior.kl())
+
+        return jax.grad(loss_fn)(params)
+
+    args = (
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params),
+        jax.ShapeDtypeStruct((per_chip * mesh.size, SIZE, SIZE, 3), np.float32, sharding=split),
+        jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
+    )
+    return jax.jit(grads, in_shardings=(replicated, split, replicated), out_shardings=replicated), args
+
+
+def _peer_program(mesh, per_chip: int):
+    """diffusers 0.39's FlaxAutoencoderKL (SD config, bf16) forward and backward, the same loss,
+    NCHW images as it takes them."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from diffusers.models.vae_flax import FlaxAutoencoderKL
+
+    from sigmavae_jax import parallel
+
+    model = FlaxAutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        latent_channels=4, norm_num_groups=32, sample_size=SIZE, dtype=jnp.bfloat16,
+    )
+    params = jax.eval_shape(model.init_weights, jax.random.key(0))
+    replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+    def grads(params, x, key):
+        def loss_fn(params):
+            posterior = model.apply({"params": params}, x, method=model.encode).latent_dist
+            x_hat = model.apply({"params": params}, posterior.sample(key), method=model.decode).sample
+            kl = posterior.kl()  # (B,): summed over latent elements
+            return jnp.mean(jnp.abs(x - x_hat.astype(jnp.float32))) + 1e-6 * jnp.mean(kl)
+
+        return jax.grad(loss_fn)(params)
+
+    args = (
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params),
+        jax.ShapeDtypeStruct((per_chip * mesh.size, 3, SIZE, SIZE), np.float32, sharding=split),
+        jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
+    )
+    return jax.jit(grads, in_shardings=(replicated, split, replicated), out_shardings=replicated), args
+
+
+def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
+    from sigmavae_jax import topology
+
+    topology.compile_only_environment()
+    from sigmavae_jax import dry_run, parallel
+    from sigmavae_jax.config import load_config
+    from sigmavae_jax.kernels import select
+
+    kind, overrides = MEASUREMENTS[name]
+    tpu_slice = topology.parse_slice(topology_name)
+    if kind == "step":
+        cfg = load_config("nextstep1_f8c16", [f"train.image_size={SIZE}", "train.compute_dtype=bfloat16",
+                                              f"train.batch_size={per_chip * tpu_slice.chips}", *overrides])
+        return dry_run.train_step_report(cfg, tpu_slice).figures()
+    mesh = parallel.make_mesh(devices=topology.slice_devices(tpu_slice))
+    if kind == "vae":
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from sigmavae_jax.models.autoencoder import AutoencoderKL
+
+        cfg = load_config("sd", overrides)
+        model = nnx.eval_shape(lambda: AutoencoderKL(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                                     remat=cfg.train.remat, kernels=select("auto", mesh.devices.flat)))
+        jitted, args = _vae_program(model, mesh, per_chip)
+    else:
+        jitted, args = _peer_program(mesh, per_chip)
+    return dry_run.report_of(name, tpu_slice, jitted, args, {"parameters": args[0], "images": args[1]}, per_chip).figures()
+
+
+# ------------------------------------------------------------------------------------------
+# The driver.
+
+
+def ensure_peer() -> None:
+    if not (PEER_DIR / "diffusers").is_dir():
+        print(f"installing {PEER} into {PEER_DIR} (the peer's own environment)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(PEER_DIR), PEER],
+                       check=True)
+
+
+def run_one(name: str, topology_name: str, per_chip: int) -> dict:
+    env = dict(os.environ)
+    if MEASUREMENTS[name][0] == "peer":
+        env["PYTHONPATH"] = os.pathsep.join([str(PEER_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--one", name, topology_name, str(per_chip)], env=env,
+                          capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{name} at {per_chip}/chip failed:\n{done.stderr[-3000:]}")
+    figures = json.loads(lines[-1])
+    total = figures["hbm_total"] / 2**30
+    print(f"  {name:<10} {topology_name:<13} {per_chip:>4}/chip: {total:6.2f} GiB {'fits' if figures['fits'] else 'DOES NOT FIT'}"
+          f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    return figures
+
+
+def predicted_largest(at: dict[int, dict]) -> int:
+    """The largest per-chip batch under MARGIN x HBM on the line through the two measured totals."""
+    (b1, f1), (b2, f2) = sorted(at.items())[:2]
+    slope = (f2["hbm_total"] - f1["hbm_total"]) / (b2 - b1)
+    fixed = f1["hbm_total"] - slope * b1
+    return max(1, int((MARGIN * f1["hbm_capacity"] - fixed) // slope))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--topology", nargs="+", default=["v5litepod-4"], help="TPU slices (the first gives the JSON keys)")
+    parser.add_argument("--jobs", type=int, default=2, help="compiles at a time (each its own process)")
+    parser.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS), default=sorted(MEASUREMENTS))
+    parser.add_argument("--one", nargs=3, metavar=("NAME", "TOPOLOGY", "PER_CHIP"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        name, topology_name, per_chip = args.one
+        print(json.dumps(measure_one(name, topology_name, int(per_chip))))
+        return
+    if "peer" in args.only:
+        ensure_peer()
+    start = time.perf_counter()
+    figures: dict[tuple[str, str], dict[int, dict]] = {}
+    largest: dict[tuple[str, str], int] = {}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        jobs = {(name, topo, b): pool.submit(run_one, name, topo, b)
+                for topo in args.topology for name in args.only for b in BATCHES}
+        for (name, topo, b), job in jobs.items():
+            figures.setdefault((name, topo), {})[b] = job.result()
+        confirm = {key: pool.submit(run_one, *key, predicted_largest(at)) for key, at in figures.items()}
+        for key, job in confirm.items():
+            result, guess = job.result(), predicted_largest(figures[key])
+            while not result["fits"] and guess > 1:  # the line was optimistic: step down
+                guess = max(1, guess - max(1, guess // 16))
+                result = run_one(*key, guess)
+            figures[key][guess] = result
+            largest[key] = guess
+    print(f"\n{time.perf_counter() - start:.0f} s of compiles\n")
+
+    summary = {}
+    for topo in args.topology:
+        print(f"| {topo} | HBM at {BATCHES[0]}/chip | largest batch/chip | TFLOP/image | GB/image | roofline images/s/chip |")
+        print("|---|---|---|---|---|---|")
+        for name in args.only:
+            at = figures[(name, topo)][BATCHES[0]]
+            rate = at["roofline_images_per_s_per_chip"]
+            print(f"| {name} | {at['hbm_total'] / 2**30:.2f} GiB | {largest[(name, topo)]} | {at['flops_per_image'] / 1e12:.3f} "
+                  f"| {at['bytes_per_image'] / 1e9:.2f} | {rate:.1f} ({at['bound']}) |")
+        print()
+    topo = args.topology[0]
+
+    def at8(name, key):
+        return figures[(name, topo)][BATCHES[0]][key]
+
+    if {"ns1", "ns1_remat"} <= set(args.only):
+        summary.update(
+            ns1_v5e_max_batch_per_chip=largest[("ns1_remat", topo)],
+            ns1_v5e_default_max_batch_per_chip=largest[("ns1", topo)],
+            ns1_v5e_memory_setting_extra_flops=at8("ns1_remat", "flops_per_image") / at8("ns1", "flops_per_image") - 1,
+            ns1_v5e_roofline_images_per_s_per_chip=at8("ns1", "roofline_images_per_s_per_chip"),
+            ns1_v5e_bytes_per_image=at8("ns1", "bytes_per_image"),
+            ns1_v5e_flops_per_image=at8("ns1", "flops_per_image"),
+            ns1_v5e_hbm_at_8_per_chip=at8("ns1", "hbm_total"),
+        )
+    if {"vae", "vae_remat", "peer"} <= set(args.only):
+        summary.update(
+            vae_bytes_per_image_vs_peer=at8("vae", "bytes_per_image") / at8("peer", "bytes_per_image"),
+            vae_flops_per_image_vs_peer=at8("vae", "flops_per_image") / at8("peer", "flops_per_image"),
+            vae_max_batch_vs_peer=largest[("vae_remat", topo)] / largest[("peer", topo)],
+            vae_memory_setting_extra_flops=at8("vae_remat", "flops_per_image") / at8("vae", "flops_per_image") - 1,
+        )
+    print(json.dumps({"topology": topo, **summary}))
+
+
+if __name__ == "__main__":
+    main()

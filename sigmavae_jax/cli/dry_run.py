@@ -1,0 +1,104 @@
+"""`train.py --dry-run` and `eval.py --dry-run`: compile for a TPU slice on this host, print the
+report, end with one JSON line, and exit 0 when everything fits, 4 when it does not (2 for a
+bad name or setting)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+DOES_NOT_FIT = 4
+
+
+def add_arguments(parser, program: str) -> None:
+    """--dry-run and --topology, for a command line that compiles `program` ("the step", ...)."""
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"compile {program} for --topology on this host (no TPU, weights or data needed) and "
+                        f"report HBM per chip, FLOPs and bytes per image, roofline images/s; exit {DOES_NOT_FIT} if it "
+                        "does not fit")
+    parser.add_argument("--topology", metavar="NAME",
+                        help="with --dry-run: a TPU slice, as JAX names it (v5e:4x4, v4:2x2x4) or as Cloud does "
+                        "(v5litepod-16, v4-32, v5p-8, v6e-8)")
+
+
+def _slice(name: str):
+    """The slice named `name`, in a process set up to compile only (before JAX starts)."""
+    from sigmavae_jax import topology
+
+    topology.compile_only_environment()
+    return topology.parse_slice(name)
+
+
+def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0) -> int:
+    """The training step of `cfg` on the slice; with find_batch, at the largest per-chip batch
+    that fits (doubling from the config's, then bisection); dump_top: list the operations of
+    the compiled program that move the most HBM bytes."""
+    tpu_slice = _slice(topology_name)
+    from sigmavae_jax import dry_run
+    from sigmavae_jax.config import with_overrides
+
+    chips = tpu_slice.chips
+    hosts = f"{tpu_slice.hosts} host" + "s" * (tpu_slice.hosts > 1)
+    print(f"compiling the train step for {tpu_slice.topology} ({chips} chips, {hosts}) on this host", flush=True)
+    if not find_batch:
+        keep = {}
+        report = dry_run.train_step_report(cfg, tpu_slice, keep=keep)
+        if dump_top and "compiled" in keep:
+            print_top_ops(keep["compiled"], dump_top, report.batch_per_chip)
+        return _finish(report, {}, dry_run.advice(report, cfg))
+
+    reports = {}
+
+    def fits(per_chip: int) -> bool:
+        start = time.perf_counter()
+        reports[per_chip] = report = dry_run.train_step_report(
+            with_overrides(cfg, [f"train.batch_size={per_chip * chips}"]), tpu_slice
+        )
+        verdict = "fits" if report.fits else "does not fit"
+        print(f"  {per_chip:>5} images per chip: {report.total / 2**30:7.2f} GiB, {verdict} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        return report.fits
+
+    best = dry_run.largest_fitting(fits, start=max(1, cfg.train.batch_size // chips))
+    report = reports[best] if best else reports[min(reports)]
+    extra = {"max_batch_per_chip": best, "max_global_batch": best * chips}
+    print(f"largest batch that fits: {best} per chip (train.batch_size={best * chips})")
+    return _finish(report, extra, dry_run.advice(report, cfg))
+
+
+def codec(model_cfg, topology_name: str, *, size: int, batch_size: int, dtype: str) -> int:
+    """Encode and decode on the slice."""
+    tpu_slice = _slice(topology_name)
+    from sigmavae_jax import dry_run
+
+    print(f"compiling encode and decode for {tpu_slice.topology} ({tpu_slice.chips} chips) on this host", flush=True)
+    reports = dry_run.codec_reports(model_cfg, tpu_slice, size=size, batch_size=batch_size, dtype=dtype)
+    for report in reports:
+        print("\n".join(report.lines()))
+    figures = {report.program: report.figures() for report in reports}
+    fits = all(report.fits for report in reports)
+    if not fits:
+        print("error: does not fit in HBM; lower --batch-size or use --dtype bfloat16", file=sys.stderr)
+    print(json.dumps(figures))
+    return 0 if fits else DOES_NOT_FIT
+
+
+def print_top_ops(compiled, count: int, batch_per_chip: int) -> None:
+    from sigmavae_jax import dry_run
+
+    rows = dry_run.top_ops(compiled.as_text(), count)
+    total = dry_run.cost_of(compiled).get("bytes accessed", 0.0)
+    print(f"the {len(rows)} operations that move the most HBM bytes (per chip; the program: {total / 1e9:.2f} GB):")
+    print(f"  {'GB':>7} {'MB/image':>9}  {'op':<22} {'output':<28} source")
+    for row in rows:
+        print(f"  {row['bytes'] / 1e9:7.3f} {row['bytes'] / batch_per_chip / 1e6:9.1f}  {row['op']:<22} {row['shape']:<28} "
+              f"{row['source'][-110:]}")
+
+
+def _finish(report, extra: dict, advice: str) -> int:
+    print("\n".join(report.lines()))
+    if not report.fits:
+        print(f"error: the step does not fit in {report.tpu_slice.chip.name} HBM; {advice}", file=sys.stderr)
+    print(json.dumps({**report.figures(), **extra}))
+    return 0 if report.fits else DOES_NOT_FIT

@@ -1,0 +1,343 @@
+"""Compile a program for a TPU slice on this host, without the slice, weights or data, and say
+what each chip would hold and do: HBM by part against the chip's capacity, FLOPs and HBM bytes
+per image from the compiled program's own cost analysis, and the roofline-bound images/s.
+
+`train_step_report` compiles the training step exactly as `train.py` builds it (same mesh
+rules, shardings, kernels, LPIPS, discriminator, EMA, remat and dtype); `codec_reports`
+compiles encode and decode as `eval.py` and `sigmavae_jax.load` run them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from sigmavae_jax import api, parallel, topology
+from sigmavae_jax.config import Config, ModelConfig
+from sigmavae_jax.kernels import select
+from sigmavae_jax.topology import GiB, Slice
+from sigmavae_jax.train.program import build_program
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+class DoesNotFit(RuntimeError):
+    """The compiler refused the program: it needs more HBM than a chip has. `used` (the whole
+    program) or `temporaries` in bytes, when the compiler's message gives them."""
+
+    def __init__(self, message: str, *, used: int | None = None, temporaries: int | None = None):
+        super().__init__(message)
+        self.used, self.temporaries = used, temporaries
+
+
+# How XLA:TPU words an out-of-memory compile: the whole program, or its temporaries alone.
+_USED = re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm")
+_TEMPORARIES = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM")
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes of one device's shard of every array leaf of `tree` (ShapeDtypeStructs or arrays
+    with shardings; a leaf without one counts whole)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # a key is its key data: uint32 words
+            data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+            shape, dtype = (*shape, *data.shape[len(leaf.shape):]), data.dtype
+        else:
+            dtype = leaf.dtype
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return total
+
+
+def _bytes_of(number: str, unit: str) -> int:
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def compile_for_slice(jitted, args: tuple) -> tuple[Any, float]:
+    """(compiled program, compile seconds) of `jitted` at abstract `args`.
+
+    Raises DoesNotFit when the compiler runs out of HBM.
+    """
+    start = time.perf_counter()
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as error:  # XlaRuntimeError; its type moves between jax versions
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+            raise
+        used, temporaries = _USED.search(text), _TEMPORARIES.search(text)
+        first = next((line for line in text.splitlines() if "memory" in line.lower()), text.splitlines()[0])
+        raise DoesNotFit(
+            first.strip(),
+            used=_bytes_of(*used.group(1, 2)) if used else None,
+            temporaries=_bytes_of(*temporaries.group(1, 2)) if temporaries else None,
+        ) from None
+    return compiled, time.perf_counter() - start
+
+
+def cost_of(compiled) -> dict[str, float]:
+    """The compiled program's cost analysis (per device): {"flops", "bytes accessed", ...}."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0]
+    return dict(cost or {})
+
+
+@dataclasses.dataclass
+class Report:
+    """What one chip of the slice holds and does for one compiled program (bytes are per chip).
+
+    arguments: the program's inputs by part (parameters, optimizer state, ...), their logical
+    sizes. allocated_arguments (the inputs as the chip lays them out, small arrays padded to
+    whole tiles), temporaries, outputs, aliased (outputs written in place of donated inputs)
+    and code come from the compiled program's memory analysis and are None when the compiler
+    refused the program; total is then the compiler's own figure, or the arguments and the
+    temporaries it names. FLOPs and bytes per image are the compiled
+    program's cost analysis over the images each chip computes.
+    """
+
+    program: str
+    tpu_slice: Slice
+    batch_per_chip: int
+    arguments: dict[str, int]
+    total: int
+    fits: bool
+    allocated_arguments: int | None = None
+    temporaries: int | None = None
+    outputs: int | None = None
+    aliased: int | None = None
+    code: int | None = None
+    flops_per_image: float | None = None
+    bytes_per_image: float | None = None
+    compile_s: float = 0.0
+    refusal: str | None = None
+
+    @property
+    def hbm(self) -> int:
+        return self.tpu_slice.chip.hbm_bytes
+
+    @property
+    def roofline_images_per_s(self) -> float | None:
+        """The lesser of peak bf16 FLOP/s / FLOPs per image and HBM bandwidth / bytes per image."""
+        if not self.flops_per_image or not self.bytes_per_image:
+            return None
+        chip = self.tpu_slice.chip
+        return min(chip.bf16_flops / self.flops_per_image, chip.hbm_bandwidth / self.bytes_per_image)
+
+    @property
+    def bound(self) -> str | None:
+        if not self.flops_per_image or not self.bytes_per_image:
+            return None
+        chip = self.tpu_slice.chip
+        return "compute" if chip.bf16_flops / self.flops_per_image <= chip.hbm_bandwidth / self.bytes_per_image else "memory"
+
+    def lines(self) -> list[str]:
+        """The report as text, one figure a line."""
+        s, chip = self.tpu_slice, self.tpu_slice.chip
+        gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+        lines = [
+            f"{self.program} on {s.topology} ({s.name}: {s.chips} x {chip.name}, {s.hosts} host{'s' * (s.hosts > 1)}), "
+            f"{self.batch_per_chip} images per chip, compiled in {self.compile_s:.1f} s",
+            "HBM per chip:",
+        ]
+        lines += [f"  {'argument ' + name:<28} {gib(size)}" for name, size in self.arguments.items()]
+        for name, size in (("arguments as laid out", self.allocated_arguments), ("temporaries", self.temporaries), ("outputs", self.outputs),
+                           ("outputs in donated inputs", self.aliased), ("program code", self.code)):
+            if size is not None:
+                lines.append(f"  {name:<28} {'-' if name.startswith('outputs in') else ''}{gib(size)}")
+        verdict = "fits" if self.fits else "does not fit"
+        lines.append(f"  {'total':<28} {gib(self.total)} of {gib(self.hbm)} ({100 * self.total / self.hbm:.0f}%): {verdict}")
+        if self.refusal:
+            lines.append(f"  the compiler: {self.refusal}")
+        if self.flops_per_image:
+            rate = self.roofline_images_per_s
+            lines.append(f"per image: {self.flops_per_image / 1e12:.3f} TFLOP, {self.bytes_per_image / 1e9:.2f} GB of HBM traffic")
+            lines.append(
+                f"roofline: {rate:.1f} images/s per chip ({self.bound}-bound; {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+                f"{chip.hbm_bandwidth / 1e9:.0f} GB/s)"
+            )
+        return lines
+
+    def figures(self) -> dict[str, Any]:
+        """The report as a JSON-able dict."""
+        return {
+            "program": self.program, "topology": self.tpu_slice.topology, "name": self.tpu_slice.name,
+            "chips": self.tpu_slice.chips, "hosts": self.tpu_slice.hosts, "batch_per_chip": self.batch_per_chip,
+            "hbm_arguments": self.arguments, "hbm_arguments_allocated": self.allocated_arguments,
+            "hbm_temporaries": self.temporaries, "hbm_outputs": self.outputs,
+            "hbm_aliased": self.aliased, "hbm_code": self.code, "hbm_total": self.total, "hbm_capacity": self.hbm,
+            "fits": self.fits, "flops_per_image": self.flops_per_image, "bytes_per_image": self.bytes_per_image,
+            "roofline_images_per_s_per_chip": self.roofline_images_per_s, "bound": self.bound,
+            "compile_s": round(self.compile_s, 2),
+        }
+
+
+def report_of(program: str, tpu_slice: Slice, jitted, args: tuple, parts: dict[str, Any], batch_per_chip: int,
+              keep: dict | None = None) -> Report:
+    """Compiles `jitted` at `args` and reports it. parts: name -> the subtree of `args` it
+    names, for the arguments' breakdown. keep: when given, gets the compiled program under
+    "compiled" (for callers that read it further)."""
+    arguments = {name: per_device_bytes(tree) for name, tree in parts.items()}
+    start = time.perf_counter()
+    try:
+        compiled, seconds = compile_for_slice(jitted, args)
+    except DoesNotFit as refused:
+        total = refused.used or sum(arguments.values()) + (refused.temporaries or 0)
+        return Report(program, tpu_slice, batch_per_chip, arguments, total=total, fits=False,
+                      temporaries=refused.temporaries, compile_s=time.perf_counter() - start, refusal=str(refused))
+    if keep is not None:
+        keep["compiled"] = compiled
+    memory = compiled.memory_analysis()
+    cost = cost_of(compiled)
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    return Report(
+        program, tpu_slice, batch_per_chip, arguments, total=total, fits=total <= tpu_slice.chip.hbm_bytes,
+        allocated_arguments=memory.argument_size_in_bytes, temporaries=memory.temp_size_in_bytes, outputs=memory.output_size_in_bytes, aliased=memory.alias_size_in_bytes,
+        code=memory.generated_code_size_in_bytes, flops_per_image=cost.get("flops", 0.0) / batch_per_chip,
+        bytes_per_image=cost.get("bytes accessed", 0.0) / batch_per_chip, compile_s=seconds,
+    )
+
+
+def slice_mesh(cfg: Config, tpu_slice: Slice):
+    """The (data, fsdp) mesh a run of `cfg` builds on the slice's chips."""
+    return parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp, devices=topology.slice_devices(tpu_slice))
+
+
+def train_step_report(cfg: Config, tpu_slice: Slice, keep: dict | None = None) -> Report:
+    """The training step of `cfg` compiled for `tpu_slice` at cfg.train.batch_size (global).
+
+    Raises ConfigError when the global batch does not split over the slice's chips, as a run does.
+    """
+    mesh = slice_mesh(cfg, tpu_slice)
+    program = build_program(cfg, mesh, abstract=True)
+    state, images, lpips = program.abstract_arguments()
+    parts = {
+        "parameters": state.params,
+        "optimizer state": state.opt_state,
+        "EMA": state.ema,
+        "discriminator": (state.disc_params, state.disc_stats, state.disc_opt_state),
+        "LPIPS": lpips,
+        "images": images,
+        "step and rng": (state.step, state.rng),
+    }
+    if keep is not None:
+        keep["program"], keep["arguments"] = program, (state, images, lpips)
+    per_chip = cfg.train.batch_size // mesh.size
+    return report_of("train step", tpu_slice, program.step, (state, images, lpips), parts, per_chip, keep)
+
+
+def codec_reports(model_cfg: ModelConfig, tpu_slice: Slice, *, size: int, batch_size: int, dtype: str = "float32",
+                  keep: dict | None = None) -> list[Report]:
+    """Encode and decode, as a codec runs them, compiled for `tpu_slice` on a global batch of
+    `batch_size` images of size x size split over its chips (parameters replicated)."""
+    mesh = parallel.make_mesh(-1, 1, devices=topology.slice_devices(tpu_slice))
+    if batch_size % mesh.size:
+        raise ValueError(f"--batch-size {batch_size} must be a multiple of the slice's {mesh.size} chips; "
+                         f"use {max(mesh.size, batch_size // mesh.size * mesh.size)}")
+    model = api.abstract_model(model_cfg, api.DTYPES[dtype], select("auto", mesh.devices.flat))
+    codec = api.codec_from_model(model, Config(model=model_cfg))
+    replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), codec.params)
+    f = model_cfg.downsample_factor
+    images = jax.ShapeDtypeStruct((batch_size, size, size, model_cfg.in_channels), np.float32, sharding=split)
+    latents = jax.ShapeDtypeStruct((batch_size, size // f, size // f, model_cfg.z_channels), np.float32, sharding=split)
+    reports = []
+    for name, fn, x in (("encode", codec.encode_fn, images), ("decode", codec.decode_fn, latents)):
+        jitted = jax.jit(codec.kernels.batch_map(fn), in_shardings=(replicated, split), out_shardings=split)
+        parts = {"parameters": params, "images" if name == "encode" else "latents": x}
+        reports.append(report_of(name, tpu_slice, jitted, (params, x), parts, batch_size // mesh.size,
+                                 None if keep is None else keep.setdefault(name, {})))
+    return reports
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 1 << 16) -> int:
+    """The largest n in [1, limit] with fits(n), for a `fits` that is true up to some n and
+    false above: doubling from `start`, then bisection. 0 when fits(1) is false."""
+    low, high = 0, None  # fits(low) is known true (or low is 0); fits(high) is known false
+    n = max(1, start)
+    while n <= limit:
+        if fits(n):
+            low, n = n, n * 2
+        else:
+            high = n
+            break
+    if high is None:
+        return low if low else 0
+    if low == 0:  # start did not fit: go down by halves first
+        n = high // 2
+        while n >= 1 and not fits(n):
+            high, n = n, n // 2
+        if n < 1:
+            return 0
+        low = n
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def advice(report: Report, cfg: Config) -> str:
+    """What to change when the step does not fit, from the settings of `cfg`."""
+    hints = [f"lower train.batch_size (now {report.batch_per_chip} per chip; --find-batch finds the largest that fits)"]
+    if not cfg.train.remat:
+        hints.append("set train.remat=true (recompute block activations in the backward pass)")
+    if cfg.train.compute_dtype != "bfloat16":
+        hints.append("set train.compute_dtype=bfloat16")
+    if cfg.train.mesh_fsdp == 1 and report.tpu_slice.chips > 1:
+        hints.append(f"shard parameters and optimizer state with train.mesh_fsdp={min(report.tpu_slice.chips, 8)}")
+    return "; or ".join(hints)
+
+
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+             "s64": 8, "u64": 8, "f64": 8}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
+_NOT_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast", "after-all", "partition-id",
+                "replica-id", "iota"}
+
+
+def _shape_bytes(text: str) -> int:
+    return sum(_ITEMSIZE[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+               for dtype, dims in _SHAPE.findall(text))
+
+
+def top_ops(hlo_text: str, count: int) -> list[dict[str, Any]]:
+    """The `count` operations of a compiled (optimised) HLO module that move the most HBM bytes:
+    each top-level instruction's operands plus outputs (fused computations' insides stay on
+    chip and are not counted; layout padding is not counted). Each entry: bytes, the opcode
+    (a fusion's kind), the output shape and the JAX name the ops came from."""
+    fused = set(re.findall(r"calls=%?([\w.\-]+)", hlo_text))
+    rows, inside = [], None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header and not line.startswith(" "):
+            inside = header.group(1)
+            continue
+        if inside is None or inside in fused:
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match or match.group(3) in _NOT_TRAFFIC:
+            continue
+        name, output, opcode, rest = match.groups()
+        operands = rest.split("), ")[0] if "), " in rest else rest
+        kind = re.search(r"kind=(\w+)", rest)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        rows.append({
+            "bytes": _shape_bytes(output) + _shape_bytes(operands),
+            "op": f"{opcode}:{kind.group(1)}" if kind else opcode,
+            "shape": _SHAPE.search(output).group(0) if _SHAPE.search(output) else output[:40],
+            "source": op_name.group(1) if op_name else name,
+        })
+    rows.sort(key=lambda row: -row["bytes"])
+    return rows[:count]

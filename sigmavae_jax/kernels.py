@@ -1,0 +1,280 @@
+"""How the model's convolutions and the train step's branches are computed, per compile target.
+
+Two sets of kernels compute the same maths:
+
+- `XLA`: plain `lax` operations, which XLA compiles well for TPU and GPU; everything
+  differentiates in forward and reverse mode.
+- `CPU`: forms that XLA's CPU backend runs faster. 1x1 convs are matrix products. The kernel
+  gradients of 3x3 convs are summed over pieces of the batch and rows. The nearest-x2 conv
+  has a hand-written gradient. Both branches of a condition run and one result is selected,
+  because XLA's CPU backend compiles a convolution inside a conditional branch with its
+  generic loop emitter. These forms use `custom_vjp`, so `jax.jvp` does not pass through them.
+
+`select(setting, devices)` picks a set from the devices a program is compiled for, never from
+the host's default backend, so a CPU host compiling for a TPU slice gets the TPU program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterable, Literal
+
+import jax
+import jax.numpy as jnp
+
+Setting = Literal["auto", "xla", "cpu"]
+SETTINGS: tuple[str, ...] = ("auto", "xla", "cpu")
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+# The CPU kernel gradient of a 3x3 conv is summed over pieces of about this many pixels
+# (whole images of fewer rows), at most this many pieces: pieces are unrolled, so their
+# number is capped to bound the program size.
+KERNEL_GRAD_PIXELS = 8192
+KERNEL_GRAD_MAX_PIECES = 16
+
+
+# Every operation a CPU kernel adds runs under this name scope, so a compiled program shows
+# (in its ops' metadata) whether it holds any CPU kernel.
+CPU_SCOPE = "cpu_kernel"
+
+
+def _cpu_scoped(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def scoped(*args, **kwargs):
+        with jax.named_scope(CPU_SCOPE):
+            return fn(*args, **kwargs)
+
+    return scoped
+
+
+def _same_conv(x: jax.Array, kernel: jax.Array, row_padding=(1, 1)) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), (row_padding, (1, 1)), dimension_numbers=_NHWC)
+
+
+def kernel_grad_pieces(batch: int, height: int, width: int) -> tuple[int, int]:
+    """(images, rows) per piece of a 3x3 kernel gradient on CPU: whole batches of fewer rows,
+    at least 8, about KERNEL_GRAD_PIXELS pixels a piece, at most KERNEL_GRAD_MAX_PIECES pieces."""
+    pixels = max(KERNEL_GRAD_PIXELS, -(-batch * height * width // KERNEL_GRAD_MAX_PIECES))
+    rows = pixels // (batch * width)
+    if rows >= 8:
+        return batch, min(rows, height)
+    return max(1, pixels // (8 * width)), 8
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 3x3 conv, stride 1, padding 1 (x (B, H, W, C_in), kernel (3, 3, C_in, C_out) ->
+    (B, H, W, C_out)) whose kernel gradient is summed over `kernel_grad_pieces`."""
+    return _same_conv(x, kernel)
+
+
+@_cpu_scoped
+def _conv3x3_forward(x, kernel):
+    return _same_conv(x, kernel), (x, kernel)
+
+
+@_cpu_scoped
+def _conv3x3_backward(saved, cotangent):
+    x, kernel = saved
+    dx = jax.vjp(lambda x: _same_conv(x, kernel), x)[1](cotangent)[0]
+    b, h, w, _ = x.shape
+    images, rows = kernel_grad_pieces(b, h, w)
+    x_rows = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))  # each piece takes its halo rows from here
+    dkernel = jnp.zeros(kernel.shape, jnp.float32)
+    for i in range(0, b, images):
+        for r in range(0, h, rows):
+            piece = x_rows[i : i + images, r : r + min(rows, h - r) + 2]
+            grad = jax.vjp(lambda k: _same_conv(piece, k, (0, 0)), kernel)[1](cotangent[i : i + images, r : r + rows])[0]
+            dkernel = dkernel + grad.astype(jnp.float32)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
+
+
+def _is_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
+    canonical = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    return jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == canonical
+
+
+@_cpu_scoped
+def cpu_conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    precision=None,
+    **kwargs,
+) -> jax.Array:
+    """`lax.conv_general_dilated` with the CPU routes: an NHWC 1x1 conv (stride 1, no padding)
+    as a matrix product, an NHWC 3x3 'same' conv through `conv3x3`; any other conv unchanged."""
+    plain = (
+        _is_nhwc(lhs, rhs, dimension_numbers)
+        and feature_group_count == 1
+        and precision is None
+        and not kwargs.get("preferred_element_type")
+        and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and tuple(window_strides) == (1, 1)
+        and not isinstance(padding, str)
+    )
+    if plain:
+        size, pads = tuple(rhs.shape[:2]), tuple(map(tuple, padding))
+        if size == (1, 1) and pads == ((0, 0), (0, 0)):
+            return jnp.einsum("bhwc,co->bhwo", lhs, rhs[0, 0])
+        if size == (3, 3) and pads == ((1, 1), (1, 1)):
+            return conv3x3(lhs, rhs)
+    kwargs.pop("out_sharding", None)
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, precision=precision, **kwargs,
+    )
+
+
+def _fold_taps(kernel: jax.Array, axis: int) -> jax.Array:
+    """Along one axis, nearest x2 followed by a 3-tap filter (padding 1) is, for even outputs
+    2i, the taps (k0, k1 + k2) on inputs (i - 1, i) and, for odd outputs 2i + 1, (k0 + k1, k2)
+    on (i, i + 1). Returns (output phase, folded tap, ...) with `axis` (3 taps) removed."""
+    k0, k1, k2 = (jnp.take(kernel, tap, axis=axis) for tap in range(3))
+    return jnp.stack([jnp.stack([k0, k1 + k2]), jnp.stack([k0 + k1, k2])])
+
+
+def phase_kernel(kernel: jax.Array) -> jax.Array:
+    """(3, 3, C_in, C_out) -> the (2, 2, C_in, 4 * C_out) kernel of the four output phases,
+    as sums of taps (an einsum with a 0/1 matrix compiles to thin matrix products)."""
+    rows = _fold_taps(kernel, 0)  # (a, p, j, C_in, C_out): a the row phase, p the row tap
+    both = _fold_taps(rows, 2)  # (b, q, a, p, C_in, C_out)
+    phases = both.transpose(3, 1, 4, 2, 0, 5)  # (p, q, C_in, a, b, C_out)
+    return phases.reshape(2, 2, kernel.shape[2], 4 * kernel.shape[3])
+
+
+def upsampled_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Nearest x2, then a 3x3 conv (padding 1): (B, H, W, C_in) -> (B, 2H, 2W, C_out).
+
+    Computed without the x2 image: each of the four output phases is a 2x2 conv of the input
+    with taps folded from the 3x3 kernel, all four as one conv with 4x the output channels
+    (16 instead of 36 multiply-adds per input pixel and channel pair). Differentiates with
+    XLA's own rules in both modes.
+    """
+    b, h, w, _ = x.shape
+    c_out = kernel.shape[-1]
+    y = jax.lax.conv_general_dilated(x, phase_kernel(kernel), (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+    # (B, H + 1, W + 1, 4 * C_out): phase (a, b) of output pixel (i, j) sits at (i + a, j + b)
+    y = y.reshape(b, h + 1, w + 1, 2, 2, c_out)
+    rows = [jnp.stack([y[:, a : a + h, c : c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c_out)  # (B, H, 2, W, 2, C) -> (B, 2H, 2W, C)
+
+
+@jax.custom_vjp
+def cpu_upsampled_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`upsampled_conv` with gradients written by hand (`_upsampled_conv_backward`)."""
+    return upsampled_conv(x, kernel)
+
+
+@_cpu_scoped
+def _upsampled_conv_forward(x, kernel):
+    return upsampled_conv(x, kernel), (x, kernel)
+
+
+@_cpu_scoped
+def _upsampled_conv_backward(saved, cotangent):
+    """With z the cotangent laid out like the forward's (H + 1, W + 1, 4 C) output: the input
+    gradient is a forward conv of z with the flipped, transposed phase kernel; the kernel
+    gradient is four matrix products (one per 2x2 tap) of the shifted input with z, folded
+    back to 3x3 through the phase map's own transpose."""
+    x, kernel = saved
+    b, h, w, c_in = x.shape
+    c_out = kernel.shape[-1]
+    phases, fold_back = jax.vjp(phase_kernel, kernel)
+    dy = cotangent.reshape(b, h, 2, w, 2, c_out)
+    z = jnp.stack(
+        [jnp.stack([jnp.pad(dy[:, :, a, :, c], ((0, 0), (a, 1 - a), (c, 1 - c), (0, 0))) for c in (0, 1)], axis=3)
+         for a in (0, 1)],
+        axis=3,
+    ).reshape(b, h + 1, w + 1, 4 * c_out)
+    flipped = jnp.flip(phases, (0, 1)).transpose(0, 1, 3, 2)  # (2, 2, 4 C_out, C_in)
+    dx = jax.lax.conv_general_dilated(z, flipped, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+    x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    d_phases = jnp.stack([
+        jnp.stack([jnp.einsum("bhwc,bhwo->co", x_pad[:, p : p + h + 1, q : q + w + 1], z) for q in (0, 1)])
+        for p in (0, 1)
+    ])
+    return dx[:, 1 : h + 1, 1 : w + 1].astype(x.dtype), fold_back(d_phases.astype(phases.dtype))[0]
+
+
+cpu_upsampled_conv.defvjp(_upsampled_conv_forward, _upsampled_conv_backward)
+
+
+def lax_cond(active: jax.Array, compute: Callable[[], Any], otherwise: Callable[[], Any]) -> Any:
+    """`compute()` if `active` else `otherwise()` (same structure), skipping the other branch."""
+    return jax.lax.cond(active, lambda _: compute(), lambda _: otherwise(), None)
+
+
+@_cpu_scoped
+def select_cond(active: jax.Array, compute: Callable[[], Any], otherwise: Callable[[], Any]) -> Any:
+    """`compute()` if `active` else `otherwise()`: both run, the result is selected, and the
+    program holds no conditional branch."""
+    return jax.tree.map(lambda a, b: jnp.where(active, a, b), compute(), otherwise())
+
+
+def whole_batch(fn: Callable) -> Callable:
+    return fn
+
+
+def one_image_at_a_time(fn: Callable) -> Callable:
+    """`fn(params, x)` over the batch one image after another (`lax.map`); every image is
+    independent (GroupNorm is per image), so the result is that of the whole batch."""
+
+    @_cpu_scoped
+    def mapped(params, x):
+        if x.shape[0] == 1:
+            return fn(params, x)
+        return jax.lax.map(lambda image: fn(params, image[None])[0], x)
+
+    return mapped
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """One set of kernels. Static (hashable): modules keep it in their graph definition.
+
+    conv_general_dilated: the conv function of every model conv (`nnx.Conv` takes it).
+    upsampled_conv: nearest x2 then a 3x3 conv, (x, kernel) -> image.
+    cond: (active, compute, otherwise) -> the taken branch's result.
+    batch_map: wraps a codec function (params, x) -> y over its batch.
+    """
+
+    name: str
+    conv_general_dilated: Callable = dataclasses.field(repr=False)
+    upsampled_conv: Callable = dataclasses.field(repr=False)
+    cond: Callable = dataclasses.field(repr=False)
+    batch_map: Callable = dataclasses.field(repr=False)
+
+
+XLA = Kernels("xla", jax.lax.conv_general_dilated, upsampled_conv, lax_cond, whole_batch)
+CPU = Kernels("cpu", cpu_conv_general_dilated, cpu_upsampled_conv, select_cond, one_image_at_a_time)
+
+
+def select(setting: str, devices: Iterable[Any]) -> Kernels:
+    """The kernels for a program compiled for `devices`: "xla" or "cpu" as asked; "auto": CPU
+    when every device is a CPU, else XLA. Raises ValueError for another setting."""
+    if setting == "xla":
+        return XLA
+    if setting == "cpu":
+        return CPU
+    if setting != "auto":
+        raise ValueError(f"kernels setting {setting!r} unknown; use one of {list(SETTINGS)}")
+    platforms = {device.platform for device in devices}
+    if not platforms:
+        raise ValueError("kernels: no devices to compile for")
+    return CPU if platforms == {"cpu"} else XLA
+
+
+def for_mesh(setting: str, mesh: jax.sharding.Mesh) -> Kernels:
+    """`select(setting, the mesh's devices)`."""
+    return select(setting, mesh.devices.flat)

@@ -1,0 +1,141 @@
+"""Compiling for TPU slices on this CPU host: slice names, the batch search, and the tiny
+config's train step and codec compiled for single- and multi-host slices, their figures read
+against the compiled program itself."""
+
+import json
+
+import jax
+import pytest
+
+from sigmavae_jax import dry_run, kernels, topology
+from sigmavae_jax.cli import eval as eval_cli
+from sigmavae_jax.cli import train as train_cli
+from sigmavae_jax.config import ConfigError, load_config
+from sigmavae_jax.train.program import build_program
+
+SIZE = 32  # the tiny config at 32 x 32 compiles for a TPU in about a minute here
+
+
+def tiny(*overrides):
+    return load_config("tiny", [f"train.image_size={SIZE}", "train.compute_dtype=bfloat16", *overrides])
+
+
+@pytest.mark.parametrize(
+    "name, topology_name, chips, hosts",
+    [("v5litepod-4", "v5e:2x2", 4, 1), ("v5litepod-8", "v5e:2x4", 8, 1), ("v5litepod-16", "v5e:4x4", 16, 4),
+     ("v4-8", "v4:2x2x1", 4, 1), ("v4-32", "v4:2x2x4", 16, 4), ("v5p-8", "v5p:2x2x1", 4, 1),
+     ("v6e-8", "v6e:2x4", 8, 1), ("v6e-16", "v6e:4x4", 16, 4), ("v5e:4x4", "v5e:4x4", 16, 4),
+     ("v4:2x2x4", "v4:2x2x4", 16, 4), ("V5E:2x2", "v5e:2x2", 4, 1)],
+)
+def test_cloud_and_jax_slice_names_describe_the_same_chips(name, topology_name, chips, hosts):
+    tpu_slice = topology.parse_slice(name)
+    assert (tpu_slice.topology, tpu_slice.chips, tpu_slice.hosts) == (topology_name, chips, hosts)
+    devices = topology.slice_devices(tpu_slice)  # libtpu's description, one device per chip
+    assert len(devices) == chips and {d.platform for d in devices} == {"tpu"}
+    assert len({d.process_index for d in devices}) == hosts
+
+
+@pytest.mark.parametrize("name", ["v7-8", "h100", "v5e:3x3", "v4:2x2", "v5litepod-12"])
+def test_unknown_topology_is_a_one_line_error(name, capsys):
+    with pytest.raises(topology.UnknownTopology) as error:
+        topology.parse_slice(name)
+    assert "\n" not in str(error.value) and name.lower() in str(error.value).lower()
+    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", name])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:")
+    if name in ("v7-8", "h100"):
+        assert "v5litepod-16" in err and "v4-32" in err  # the known names are listed
+
+
+def test_largest_fitting_doubles_then_bisects():
+    for limit_fit in [0, 1, 2, 3, 7, 8, 9, 48, 100, 1000]:
+        for start in [1, 4, 16, 2000]:
+            asked = []
+
+            def fits(n):
+                asked.append(n)
+                return n <= limit_fit
+
+            assert dry_run.largest_fitting(fits, start=start) == limit_fit, (limit_fit, start)
+            assert len(asked) <= 2 * 12 + 2  # doubling and bisection: logarithmic in the answer
+
+
+def test_global_batch_that_does_not_split_over_the_chips_is_the_run_error(capsys):
+    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "v5litepod-4", "train.batch_size=6"])
+    assert code == 2
+    assert "global batch size 6 must be a multiple of the 4 devices" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="multiple of the 4 devices"):
+        dry_run.train_step_report(tiny("train.batch_size=6"), topology.parse_slice("v5e:2x2"))
+
+
+def test_tpu_step_holds_the_conditionals_and_none_of_the_cpu_forms_and_reports_its_own_cost():
+    """One compile for v5e:2x2 (2 images per chip): the accelerator program (lax.cond for the
+    GAN's two branches, none of the CPU kernels although this host is a CPU), and the report's
+    figures are the compiled program's memory and cost analysis."""
+    keep = {}
+    report = dry_run.train_step_report(tiny("train.batch_size=8"), topology.parse_slice("v5litepod-4"), keep=keep)
+    compiled = keep["compiled"]
+    assert keep["program"].modules.kernels is kernels.XLA
+    hlo = compiled.as_text()
+    assert hlo.count(" conditional(") >= 2  # the generator's GAN term and the discriminator update
+    assert f"/{kernels.CPU_SCOPE}/" not in hlo  # op metadata names every CPU kernel's operations
+    # the control: forced CPU kernels on the same slice do show in the program's names
+    forced = build_program(tiny("train.batch_size=8", "train.kernels=cpu"), keep["program"].mesh, abstract=True)
+    assert f"/{kernels.CPU_SCOPE}/" in forced.step.lower(*forced.abstract_arguments()).as_text(debug_info=True)
+    cost, memory = dry_run.cost_of(compiled), compiled.memory_analysis()
+    assert report.batch_per_chip == 2 and report.fits
+    assert report.flops_per_image * 2 == pytest.approx(cost["flops"], rel=1e-12)
+    assert report.bytes_per_image * 2 == pytest.approx(cost["bytes accessed"], rel=1e-12)
+    assert report.temporaries == memory.temp_size_in_bytes and report.outputs == memory.output_size_in_bytes
+    # the arguments' logical sizes, by part, within what the chip allocates for them (small
+    # arrays padded to whole tiles: the tiny model's are mostly small)
+    assert report.allocated_arguments == memory.argument_size_in_bytes
+    assert 0.6 * memory.argument_size_in_bytes < sum(report.arguments.values()) <= memory.argument_size_in_bytes
+    chip = topology.CHIPS["v5e"]
+    want = min(chip.bf16_flops / report.flops_per_image, chip.hbm_bandwidth / report.bytes_per_image)
+    assert report.roofline_images_per_s == pytest.approx(want)
+    figures = report.figures()
+    assert json.loads(json.dumps(figures))["hbm_total"] == report.total
+    assert report.total == (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                            + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+
+
+def test_dry_run_for_a_four_host_slice_from_one_host_reports_figures(capsys):
+    """v4-32: 16 chips over 4 hosts, compiled here without jax.distributed."""
+    assert jax.process_count() == 1
+    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "v4-32", f"train.image_size={SIZE}",
+                           "train.batch_size=16", "train.compute_dtype=bfloat16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert (figures["topology"], figures["chips"], figures["hosts"], figures["batch_per_chip"]) == ("v4:2x2x4", 16, 4, 1)
+    assert figures["fits"] and figures["flops_per_image"] > 0 and figures["bytes_per_image"] > 0
+    assert figures["roofline_images_per_s_per_chip"] > 0
+    assert set(figures["hbm_arguments"]) >= {"parameters", "optimizer state", "EMA", "discriminator", "LPIPS"}
+    for words in ("HBM per chip", "argument parameters", "temporaries", "fits", "TFLOP", "images/s per chip"):
+        assert words in out
+
+
+def test_a_step_that_does_not_fit_exits_non_zero_and_says_what_to_change(capsys):
+    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "v5litepod-1", "train.image_size=2048",
+                           "train.batch_size=4"])
+    captured = capsys.readouterr()
+    assert code == 4
+    figures = json.loads(captured.out.strip().splitlines()[-1])
+    assert not figures["fits"] and figures["hbm_total"] > figures["hbm_capacity"]
+    assert "does not fit" in captured.out
+    for hint in ("train.batch_size", "--find-batch", "train.remat=true", "train.compute_dtype=bfloat16"):
+        assert hint in captured.err
+
+
+def test_eval_dry_run_reports_encode_and_decode(capsys):
+    code = eval_cli.main(["--dry-run", "--topology", "v5litepod-4", "--config", "tiny", "--size", str(SIZE),
+                          "--batch-size", "8", "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    figures = json.loads(out.strip().splitlines()[-1])
+    for name in ("encode", "decode"):
+        assert figures[name]["fits"] and figures[name]["batch_per_chip"] == 2
+        assert figures[name]["flops_per_image"] > 0 and figures[name]["roofline_images_per_s_per_chip"] > 0
+    # decoding a tiny f4 model's latent costs more than encoding the image (more blocks, upsampling)
+    assert figures["decode"]["flops_per_image"] > figures["encode"]["flops_per_image"]

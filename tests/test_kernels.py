@@ -1,0 +1,128 @@
+"""The kernel sets compute the written maths: each CPU form and the XLA forms against plain lax,
+values and gradients, and `select` follows the devices, not the host."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sigmavae_jax import kernels
+from sigmavae_jax.models import layers
+
+
+@pytest.mark.parametrize("upsampled_conv", [kernels.upsampled_conv, kernels.cpu_upsampled_conv])
+def test_upsampled_conv_equals_nearest_upsample_then_conv_with_gradients(upsampled_conv):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 7, 6)), jnp.float32)  # odd sizes: every border phase
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 4)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(2, 10, 14, 4)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        # the written form, independently: repeat rows and columns, then a padded 3x3 conv
+        upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        reference = jax.lax.conv_general_dilated(upsampled, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        np.testing.assert_allclose(np.asarray(upsampled_conv(x, kernel)), np.asarray(reference), atol=1e-5)
+        ours = jax.vjp(upsampled_conv, x, kernel)[1](cotangent)
+        written = jax.vjp(
+            lambda x, k: jax.lax.conv_general_dilated(jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), k, (1, 1), "SAME",
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC")), x, kernel)[1](cotangent)
+    for got, want in zip(ours, written):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+def _same_conv_reference(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("pixels", [10**9, 3 * 11 * 9, 8 * 9])  # one piece; batch of 11-row pieces (ragged); single images
+def test_conv3x3_gradients_summed_over_pieces_equal_the_whole_conv(monkeypatch, pixels):
+    monkeypatch.setattr(kernels, "KERNEL_GRAD_PIXELS", pixels)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(3, 20, 9, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(3, 20, 9, 4)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        ours = jax.vjp(kernels.conv3x3, x, kernel)
+        reference = jax.vjp(_same_conv_reference, x, kernel)
+        np.testing.assert_allclose(np.asarray(ours[0]), np.asarray(reference[0]), atol=1e-5)
+        for got, want in zip(ours[1](cotangent), reference[1](cotangent)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_grad_pieces_cover_the_batch_and_bound_the_piece_count():
+    for batch, height, width in [(2, 128, 128), (1, 256, 256), (8, 256, 256), (2, 16, 16), (4, 4096, 4096)]:
+        images, rows = kernels.kernel_grad_pieces(batch, height, width)
+        assert 1 <= images <= batch and 1 <= rows <= height
+        pieces = -(-batch // images) * -(-height // rows)
+        assert pieces <= kernels.KERNEL_GRAD_MAX_PIECES or rows == 8, (batch, height, width, images, rows)
+    assert kernels.kernel_grad_pieces(2, 16, 16) == (2, 16)  # small tensors stay whole
+    assert kernels.kernel_grad_pieces(2, 128, 128) == (2, 32)
+
+
+@pytest.mark.parametrize("chosen, route", [(kernels.CPU, {1: "dot_general", 3: "conv3x3"}), (kernels.XLA, {})])
+def test_model_convs_match_flax_conv_and_lower_to_their_kernels(chosen, route):
+    from flax import nnx
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 6)), jnp.float32)
+    for size, stride, padding in [(1, 1, [(0, 0), (0, 0)]), (3, 1, [(1, 1), (1, 1)]), (3, 2, [(0, 1), (0, 1)])]:
+        ours = layers.conv(6, 4, size, stride=stride, padding=padding, dtype=jnp.float32, kernels=chosen, rngs=nnx.Rngs(0))
+        flax_conv = nnx.Conv(6, 4, (size, size), strides=stride, padding=padding, rngs=nnx.Rngs(0))
+        jaxpr = str(jax.make_jaxpr(ours)(x))
+        # the strided conv is lax's own in both sets; the CPU set routes 1x1 and 3x3 'same' convs
+        assert route.get(size if stride == 1 else None, "conv_general_dilated") in jaxpr
+        if chosen is kernels.XLA:
+            assert "custom_vjp" not in jaxpr and "dot_general" not in jaxpr
+        with jax.default_matmul_precision("highest"):
+            np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(flax_conv(x)), rtol=1e-5, atol=1e-5)
+
+
+class _Device:
+    def __init__(self, platform):
+        self.platform = platform
+
+
+def test_select_follows_the_devices_not_the_host():
+    assert kernels.select("auto", jax.devices()) is kernels.CPU  # the test host's CPU devices
+    assert kernels.select("auto", [_Device("tpu")] * 4) is kernels.XLA
+    assert kernels.select("auto", [_Device("gpu")]) is kernels.XLA
+    assert kernels.select("xla", jax.devices()) is kernels.XLA
+    assert kernels.select("cpu", [_Device("tpu")]) is kernels.CPU
+    with pytest.raises(ValueError, match="'fast' unknown.*auto"):
+        kernels.select("fast", jax.devices())
+
+
+@pytest.mark.parametrize("cond", [kernels.select_cond, kernels.lax_cond])
+def test_cond_returns_the_taken_branch_and_hides_the_other(cond):
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    x, kernel = jnp.ones((1, 4, 4, 2)), jnp.full((3, 3, 2, 3), 0.5)
+
+    def compute():  # a kernel gradient, as in the discriminator's branch, and a value that is
+        grad = jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(kernel)  # NaN when not taken below
+        return grad, jnp.log(jnp.sum(grad) - 1e6)
+
+    def otherwise():
+        return jnp.zeros_like(kernel), jnp.zeros(())
+
+    run = jax.jit(lambda active: cond(active, compute, otherwise))
+    program = run.lower(True).as_text()
+    assert (program.count("stablehlo.case") + program.count("stablehlo.if") > 0) == (cond is kernels.lax_cond)
+    grad, value = run(True)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(kernel)), rtol=1e-6)
+    assert np.isnan(value)  # log of a negative number: the taken branch is returned as is
+    grad, value = run(False)
+    assert not np.any(grad) and value == 0.0
+
+
+def test_forward_mode_passes_through_encode_and_decode_with_xla_kernels(tiny_cfg):
+    from sigmavae_jax import api
+
+    model = api.build_model(tiny_cfg, kernels="xla")
+    x = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (1, 16, 16, 3)), jnp.float32)
+    direction = jnp.ones_like(x)
+    z, dz = jax.jvp(model.encode, (x,), (direction,))
+    eps = 1e-2
+    with jax.default_matmul_precision("highest"):
+        finite = (model.encode(x + eps * direction) - model.encode(x - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(dz), np.asarray(finite), rtol=2e-2, atol=2e-3)
+    image, d_image = jax.jvp(model.decode, (z,), (dz,))
+    assert image.shape == (1, 16, 16, 3) and np.all(np.isfinite(np.asarray(d_image)))
