@@ -3,13 +3,14 @@
 programs' own analyses, the roofline-bound images/s and the largest batch per chip.
 
 - ns1: the NextStep-1 fine-tune step (configs/nextstep1_f8c16.yaml), default settings and the
-  memory setting (train.remat=true).
+  memory setting (train.remat=true, or --remat convs).
 - vae: the SD-config VAE forward and backward (L1 + 1e-6 KL on a posterior sample) against
   diffusers 0.39's FlaxAutoencoderKL, the only other Flax AutoencoderKL, compiled the same
   way. The peer is installed into bench/.peer (pip --target), not into our environment.
 
 A full-size compile takes 3-4 minutes on 2 cores, so the largest batch is predicted from the
-per-image slope of the HBM total between two batch sizes and confirmed by one compile.
+per-image slope of the HBM total between two batch sizes and confirmed by one compile (the
+default ns1 step's is only predicted: the memory setting's is the figure that counts).
 Each compile runs in its own process, two at a time (--jobs). Ends with one JSON line.
 
     python bench/tpu_dry_run.py [--topology v5litepod-4 v5litepod-16] [--jobs 2]
@@ -33,13 +34,14 @@ SIZE = 256
 BATCHES = (8, 16)  # per chip: the reported batch, and the second point of the memory slope
 MARGIN = 0.985  # of the datasheet HBM: the compiler keeps a little for itself (15.75 of 16 GiB on v5e)
 
-# name -> (what it compiles, config overrides)
+# name -> (what it compiles, config overrides, how its largest batch is found: "confirmed" from
+# the slope and one more compile, "predicted" from the slope alone, or None: not at all)
 MEASUREMENTS = {
-    "ns1": ("step", []),
-    "ns1_remat": ("step", ["train.remat=true"]),
-    "vae": ("vae", []),
-    "vae_remat": ("vae", ["train.remat=true"]),
-    "peer": ("peer", []),
+    "ns1": ("step", [], "predicted"),
+    "ns1_remat": ("step", ["train.remat=REMAT"], "confirmed"),
+    "vae": ("vae", [], None),
+    "vae_remat": ("vae", ["train.remat=REMAT"], "confirmed"),
+    "peer": ("peer", [], "confirmed"),
 }
 
 
@@ -119,7 +121,8 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
     from sigmavae_jax.config import load_config
     from sigmavae_jax.kernels import select
 
-    kind, overrides = MEASUREMENTS[name]
+    kind, overrides, _ = MEASUREMENTS[name]
+    overrides = [item.replace("REMAT", os.environ.get("SIGMAVAE_BENCH_REMAT", "true")) for item in overrides]
     tpu_slice = topology.parse_slice(topology_name)
     if kind == "step":
         cfg = load_config("nextstep1_f8c16", [f"train.image_size={SIZE}", "train.compute_dtype=bfloat16",
@@ -182,12 +185,15 @@ def main() -> None:
     parser.add_argument("--topology", nargs="+", default=["v5litepod-4"], help="TPU slices (the first gives the JSON keys)")
     parser.add_argument("--jobs", type=int, default=2, help="compiles at a time (each its own process)")
     parser.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS), default=sorted(MEASUREMENTS))
+    parser.add_argument("--remat", default="true", choices=("true", "convs"),
+                        help="the memory setting measured against the defaults (train.remat)")
     parser.add_argument("--one", nargs=3, metavar=("NAME", "TOPOLOGY", "PER_CHIP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         name, topology_name, per_chip = args.one
         print(json.dumps(measure_one(name, topology_name, int(per_chip))))
         return
+    os.environ["SIGMAVAE_BENCH_REMAT"] = args.remat
     if "peer" in args.only:
         ensure_peer()
     start = time.perf_counter()
@@ -195,10 +201,15 @@ def main() -> None:
     largest: dict[tuple[str, str], int] = {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         jobs = {(name, topo, b): pool.submit(run_one, name, topo, b)
-                for topo in args.topology for name in args.only for b in BATCHES}
+                for topo in args.topology for name in args.only
+                for b in (BATCHES if MEASUREMENTS[name][2] else BATCHES[:1])}
         for (name, topo, b), job in jobs.items():
             figures.setdefault((name, topo), {})[b] = job.result()
-        confirm = {key: pool.submit(run_one, *key, predicted_largest(at)) for key, at in figures.items()}
+        for key, at in figures.items():
+            if MEASUREMENTS[key[0]][2] == "predicted":
+                largest[key] = predicted_largest(at)
+        confirm = {key: pool.submit(run_one, *key, predicted_largest(at)) for key, at in figures.items()
+                   if MEASUREMENTS[key[0]][2] == "confirmed"}
         for key, job in confirm.items():
             result, guess = job.result(), predicted_largest(figures[key])
             while not result["fits"] and guess > 1:  # the line was optimistic: step down
@@ -210,12 +221,14 @@ def main() -> None:
 
     summary = {}
     for topo in args.topology:
-        print(f"| {topo} | HBM at {BATCHES[0]}/chip | largest batch/chip | TFLOP/image | GB/image | roofline images/s/chip |")
+        print(f"| {topo}, train.remat={args.remat} for *_remat | HBM at {BATCHES[0]}/chip | largest batch/chip | TFLOP/image | GB/image | roofline images/s/chip |")
         print("|---|---|---|---|---|---|")
         for name in args.only:
             at = figures[(name, topo)][BATCHES[0]]
             rate = at["roofline_images_per_s_per_chip"]
-            print(f"| {name} | {at['hbm_total'] / 2**30:.2f} GiB | {largest[(name, topo)]} | {at['flops_per_image'] / 1e12:.3f} "
+            found = MEASUREMENTS[name][2]
+            batch = f"{largest[(name, topo)]} ({found})" if found else "-"
+            print(f"| {name} | {at['hbm_total'] / 2**30:.2f} GiB | {batch} | {at['flops_per_image'] / 1e12:.3f} "
                   f"| {at['bytes_per_image'] / 1e9:.2f} | {rate:.1f} ({at['bound']}) |")
         print()
     topo = args.topology[0]
@@ -240,7 +253,7 @@ def main() -> None:
             vae_max_batch_vs_peer=largest[("vae_remat", topo)] / largest[("peer", topo)],
             vae_memory_setting_extra_flops=at8("vae_remat", "flops_per_image") / at8("vae", "flops_per_image") - 1,
         )
-    print(json.dumps({"topology": topo, **summary}))
+    print(json.dumps({"topology": topo, "memory_setting": f"train.remat={args.remat}", **summary}))
 
 
 if __name__ == "__main__":

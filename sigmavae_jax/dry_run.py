@@ -312,32 +312,47 @@ def _shape_bytes(text: str) -> int:
                for dtype, dims in _SHAPE.findall(text))
 
 
-def top_ops(hlo_text: str, count: int) -> list[dict[str, Any]]:
-    """The `count` operations of a compiled (optimised) HLO module that move the most HBM bytes:
+def hlo_traffic(hlo_text: str) -> list[dict[str, Any]]:
+    """The HBM bytes each operation of a compiled (optimised) HLO module moves, most first:
     each top-level instruction's operands plus outputs (fused computations' insides stay on
     chip and are not counted; layout padding is not counted). Each entry: bytes, the opcode
     (a fusion's kind), the output shape and the JAX name the ops came from."""
     fused = set(re.findall(r"calls=%?([\w.\-]+)", hlo_text))
-    rows, inside = [], None
+    instructions, inside = [], None
     for line in hlo_text.splitlines():
         header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
         if header and not line.startswith(" "):
             inside = header.group(1)
             continue
-        if inside is None or inside in fused:
+        match = _INSTRUCTION.match(line) if inside is not None and inside not in fused else None
+        if match:
+            instructions.append(match.groups())
+    # operands are named, not typed, in an optimised module: their bytes are their producers'
+    produced = {name: _shape_bytes(output) for name, output, _, _ in instructions}
+    rows = []
+    for name, output, opcode, rest in instructions:
+        if opcode in _NOT_TRAFFIC:
             continue
-        match = _INSTRUCTION.match(line)
-        if not match or match.group(3) in _NOT_TRAFFIC:
-            continue
-        name, output, opcode, rest = match.groups()
-        operands = rest.split("), ")[0] if "), " in rest else rest
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
         kind = re.search(r"kind=(\w+)", rest)
         op_name = re.search(r'op_name="([^"]*)"', rest)
+        shape = _SHAPE.search(output)
         rows.append({
-            "bytes": _shape_bytes(output) + _shape_bytes(operands),
+            "bytes": produced[name] + sum(produced.get(operand, 0) for operand in operands),
             "op": f"{opcode}:{kind.group(1)}" if kind else opcode,
-            "shape": _SHAPE.search(output).group(0) if _SHAPE.search(output) else output[:40],
+            "shape": shape.group(0) if shape else output[:40],
             "source": op_name.group(1) if op_name else name,
         })
     rows.sort(key=lambda row: -row["bytes"])
-    return rows[:count]
+    return rows
+
+
+def traffic_by_source(rows: list[dict[str, Any]], depth: int = 2) -> list[tuple[str, int, int]]:
+    """(the last `depth` parts of the JAX name, bytes, operations) summed over `rows`, most first."""
+    groups: dict[str, list[int]] = {}
+    for row in rows:
+        key = "/".join(row["source"].split(";")[0].split("/")[-depth:])
+        group = groups.setdefault(key, [0, 0])
+        group[0] += row["bytes"]
+        group[1] += 1
+    return sorted(((key, b, n) for key, (b, n) in groups.items()), key=lambda item: -item[1])

@@ -85,15 +85,24 @@ def codec(model_cfg, topology_name: str, *, size: int, batch_size: int, dtype: s
 
 
 def print_top_ops(compiled, count: int, batch_per_chip: int) -> None:
+    """The operations of `compiled` that move the most HBM bytes, and the same summed by where
+    in the JAX program they come from."""
     from sigmavae_jax import dry_run
 
-    rows = dry_run.top_ops(compiled.as_text(), count)
+    rows = dry_run.hlo_traffic(compiled.as_text())
     total = dry_run.cost_of(compiled).get("bytes accessed", 0.0)
-    print(f"the {len(rows)} operations that move the most HBM bytes (per chip; the program: {total / 1e9:.2f} GB):")
+    listed = sum(row["bytes"] for row in rows)
+    print(f"HBM traffic per chip: {total / 1e9:.2f} GB (cost analysis); {listed / 1e9:.2f} GB over {len(rows)} operations "
+          f"(operands + outputs, read from the program)")
+    print(f"the {count} operations that move the most:")
     print(f"  {'GB':>7} {'MB/image':>9}  {'op':<22} {'output':<28} source")
-    for row in rows:
+    for row in rows[:count]:
         print(f"  {row['bytes'] / 1e9:7.3f} {row['bytes'] / batch_per_chip / 1e6:9.1f}  {row['op']:<22} {row['shape']:<28} "
               f"{row['source'][-110:]}")
+    print("summed by source:")
+    print(f"  {'GB':>7} {'share':>6} {'ops':>5}  source")
+    for source, size, ops in dry_run.traffic_by_source(rows)[:count]:
+        print(f"  {size / 1e9:7.3f} {100 * size / max(listed, 1):5.1f}% {ops:>5}  {source}")
 
 
 def _finish(report, extra: dict, advice: str) -> int:

@@ -90,7 +90,7 @@ class Encoder(nnx.Module):
             levels.append(Level(blocks, downsample=down, remat=remat))
         self.down = nnx.List(levels)
         self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
-        self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
+        self.norm_out = GroupNorm(block_in, num_groups=groups, model_dtype=dtype, rngs=rngs)
         self.conv_out = conv(block_in, 2 * cfg.z_channels, 3, dtype=dtype, kernels=kernels, rngs=rngs)
 
     def downsample_features(self, x: jax.Array) -> jax.Array:
@@ -127,7 +127,7 @@ class Decoder(nnx.Module):
             levels[i] = Level(blocks, upsample=up, remat=remat)
         # up[0] is the full-resolution level, as in LDM checkpoints; it runs last.
         self.up = nnx.List([levels[i] for i in range(len(cfg.ch_mult))])
-        self.norm_out = GroupNorm(block_in, num_groups=groups, rngs=rngs)
+        self.norm_out = GroupNorm(block_in, num_groups=groups, model_dtype=dtype, rngs=rngs)
         self.conv_out = conv(block_in, cfg.out_channels, 3, dtype=dtype, kernels=kernels, rngs=rngs)
 
     def bottleneck(self, z: jax.Array) -> jax.Array:
