@@ -141,16 +141,16 @@ class Report:
     def lines(self) -> list[str]:
         """The report as text, one figure a line."""
         s, chip = self.tpu_slice, self.tpu_slice.chip
-        gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+        gib = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"  # noqa: E731
         lines = [
             f"{self.program} on {s.topology} ({s.name}: {s.chips} x {chip.name}, {s.hosts} host{'s' * (s.hosts > 1)}), "
             f"{self.batch_per_chip} images per chip, compiled in {self.compile_s:.1f} s",
             "HBM per chip:",
         ]
         lines += [f"  {'argument ' + name:<28} {gib(size)}" for name, size in self.arguments.items()]
-        for name, size in (("arguments as laid out", self.allocated_arguments), ("temporaries", self.temporaries), ("outputs", self.outputs),
-                           ("outputs in donated inputs", self.aliased), ("program code", self.code)):
-            if size is not None:
+        for name, size in (("arguments as laid out", self.allocated_arguments), ("temporaries", self.temporaries),
+                           ("outputs", self.outputs), ("outputs in donated inputs", self.aliased), ("program code", self.code)):
+            if size is not None and (size or name == "temporaries"):
                 lines.append(f"  {name:<28} {'-' if name.startswith('outputs in') else ''}{gib(size)}")
         verdict = "fits" if self.fits else "does not fit"
         lines.append(f"  {'total':<28} {gib(self.total)} of {gib(self.hbm)} ({100 * self.total / self.hbm:.0f}%): {verdict}")
@@ -158,7 +158,9 @@ class Report:
             lines.append(f"  the compiler: {self.refusal}")
         if self.flops_per_image:
             rate = self.roofline_images_per_s
-            lines.append(f"per image: {self.flops_per_image / 1e12:.3f} TFLOP, {self.bytes_per_image / 1e9:.2f} GB of HBM traffic")
+            flops = (f"{self.flops_per_image / 1e12:.3f} TFLOP" if self.flops_per_image >= 1e11
+                     else f"{self.flops_per_image / 1e9:.2f} GFLOP")
+            lines.append(f"per image: {flops}, {self.bytes_per_image / 1e9:.3f} GB of HBM traffic")
             lines.append(
                 f"roofline: {rate:.1f} images/s per chip ({self.bound}-bound; {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
                 f"{chip.hbm_bandwidth / 1e9:.0f} GB/s)"

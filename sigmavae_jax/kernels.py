@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 
-Setting = Literal["auto", "xla", "cpu"]
-SETTINGS: tuple[str, ...] = ("auto", "xla", "cpu")
+SETTINGS: tuple[str, ...] = ("auto", "xla", "cpu")  # what `select` takes (config: train.kernels)
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -237,6 +236,7 @@ def select_cond(active: jax.Array, compute: Callable[[], Any], otherwise: Callab
 
 
 def whole_batch(fn: Callable) -> Callable:
+    """`fn(params, x)` as it is: the whole batch in each op."""
     return fn
 
 

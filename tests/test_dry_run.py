@@ -91,6 +91,10 @@ def test_tpu_step_holds_the_conditionals_and_none_of_the_cpu_forms_and_reports_i
     # arrays padded to whole tiles: the tiny model's are mostly small)
     assert report.allocated_arguments == memory.argument_size_in_bytes
     assert 0.6 * memory.argument_size_in_bytes < sum(report.arguments.values()) <= memory.argument_size_in_bytes
+    # --dump-top's listing reads the same program: its operations account for the cost analysis' bytes
+    rows = dry_run.hlo_traffic(hlo)
+    assert rows[0]["bytes"] >= rows[-1]["bytes"] and sum(row["bytes"] for row in rows) >= 0.9 * cost["bytes accessed"]
+    assert any("conv_general_dilated" in row["source"] for row in rows[:20])
     chip = topology.CHIPS["v5e"]
     want = min(chip.bf16_flops / report.flops_per_image, chip.hbm_bandwidth / report.bytes_per_image)
     assert report.roofline_images_per_s == pytest.approx(want)
@@ -112,7 +116,8 @@ def test_dry_run_for_a_four_host_slice_from_one_host_reports_figures(capsys):
     assert figures["fits"] and figures["flops_per_image"] > 0 and figures["bytes_per_image"] > 0
     assert figures["roofline_images_per_s_per_chip"] > 0
     assert set(figures["hbm_arguments"]) >= {"parameters", "optimizer state", "EMA", "discriminator", "LPIPS"}
-    for words in ("HBM per chip", "argument parameters", "temporaries", "fits", "TFLOP", "images/s per chip"):
+    for words in ("HBM per chip", "argument parameters", "temporaries", "fits", "FLOP, ", "GB of HBM traffic",
+                  "images/s per chip"):
         assert words in out
 
 
@@ -139,3 +144,42 @@ def test_eval_dry_run_reports_encode_and_decode(capsys):
         assert figures[name]["flops_per_image"] > 0 and figures[name]["roofline_images_per_s_per_chip"] > 0
     # decoding a tiny f4 model's latent costs more than encoding the image (more blocks, upsampling)
     assert figures["decode"]["flops_per_image"] > figures["encode"]["flops_per_image"]
+
+
+def test_fsdp_shards_parameters_and_optimizer_state_over_the_slice():
+    """train.mesh_fsdp=4 on v5e:2x2: each chip holds a quarter of every big array (no compile:
+    the breakdown comes from the shardings the step is compiled with)."""
+    from sigmavae_jax.train.program import build_program
+
+    per_chip = {}
+    for fsdp in (1, 4):
+        cfg = tiny("train.batch_size=8", f"train.mesh_fsdp={fsdp}", "train.fsdp_min_size=1024")
+        program = build_program(cfg, dry_run.slice_mesh(cfg, topology.parse_slice("v5e:2x2")), abstract=True)
+        state, _, _ = program.abstract_arguments()
+        per_chip[fsdp] = {name: dry_run.per_device_bytes(tree) for name, tree in
+                          (("parameters", state.params), ("optimizer state", state.opt_state), ("EMA", state.ema))}
+    for name, whole in per_chip[1].items():
+        assert whole / 4 <= per_chip[4][name] < 0.4 * whole, name  # small arrays stay whole
+
+
+def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatch, capsys):
+    """The command line's search over per-chip batches (compiles replaced by a rule: up to 12
+    images per chip fit), ending in the report and JSON of the largest."""
+    asked = []
+
+    def fake_report(cfg, tpu_slice, keep=None):
+        per_chip = cfg.train.batch_size // tpu_slice.chips
+        asked.append(per_chip)
+        total = (1 + per_chip) * 2**30
+        return dry_run.Report("train step", tpu_slice, per_chip, {"parameters": 2**20}, total=total,
+                              fits=per_chip <= 12, flops_per_image=1e12, bytes_per_image=5e9)
+
+    monkeypatch.setattr(dry_run, "train_step_report", fake_report)
+    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "v5litepod-4", "--find-batch",
+                           "train.batch_size=8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["max_batch_per_chip"] == 12 and figures["max_global_batch"] == 48 and figures["batch_per_chip"] == 12
+    assert asked[0] == 2 and 13 in asked and 12 in asked  # from the config's 8 / 4 chips, doubling then bisecting
+    assert "largest batch that fits: 12 per chip (train.batch_size=48)" in out
