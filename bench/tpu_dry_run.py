@@ -8,9 +8,10 @@ programs' own analyses, the roofline-bound images/s and the largest batch per ch
   diffusers 0.39's FlaxAutoencoderKL, the only other Flax AutoencoderKL, compiled the same
   way. The peer is installed into bench/.peer (pip --target), not into our environment.
 
-A full-size compile takes 3-5 minutes on 2 cores, so the largest batch is predicted from the
-per-image slope of the HBM total between two batch sizes; the ns1 memory setting's prediction
-is confirmed by one more compile.
+A full-size compile takes 4-7 minutes on 2 cores (11-14 when two run side by side), so the
+largest batch is predicted from the per-image slope of the HBM total between two batch sizes;
+the ns1 memory setting's prediction is confirmed by one more compile. The nine compiles take
+about 50 minutes on 2 cores; --only runs a part.
 Each compile runs in its own process, two at a time (--jobs). Ends with one JSON line.
 
     python bench/tpu_dry_run.py [--topology v5litepod-4 v5litepod-16] [--jobs 2]
@@ -35,9 +36,9 @@ BATCHES = (8, 16)  # per chip: the reported batch, and the second point of the m
 MARGIN = 0.985  # of the datasheet HBM: the compiler keeps a little for itself (15.75 of 16 GiB on v5e)
 
 # name -> (what it compiles, config overrides, how its largest batch is found: "confirmed" from
-# the slope and one more compile, "predicted" from the slope alone, or None: not at all). A
-# compile takes 3-5 minutes here, so 9 of them fit in the bench's 30 minutes: the headline
-# figure (ns1 with the memory setting) is confirmed, the VAE comparison's are predicted.
+# the slope and one more compile, "predicted" from the slope alone, or None: not at all). Nine
+# compiles in all: the headline figure (ns1 with the memory setting) is confirmed, the VAE
+# comparison's are predicted.
 MEASUREMENTS = {
     "ns1_remat": ("step", ["train.remat=REMAT"], "confirmed"),
     "ns1": ("step", [], None),

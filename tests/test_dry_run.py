@@ -94,7 +94,7 @@ def test_tpu_step_holds_the_conditionals_and_none_of_the_cpu_forms_and_reports_i
     # --dump-top's listing reads the same program: its operations account for the cost analysis' bytes
     rows = dry_run.hlo_traffic(hlo)
     assert rows[0]["bytes"] >= rows[-1]["bytes"] and sum(row["bytes"] for row in rows) >= 0.9 * cost["bytes accessed"]
-    assert any("conv_general_dilated" in row["source"] for row in rows[:20])
+    assert any("conv_general_dilated" in row["source"] for row in rows)
     chip = topology.CHIPS["v5e"]
     want = min(chip.bf16_flops / report.flops_per_image, chip.hbm_bandwidth / report.bytes_per_image)
     assert report.roofline_images_per_s == pytest.approx(want)
