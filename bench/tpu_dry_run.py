@@ -202,13 +202,23 @@ def main() -> None:
     start = time.perf_counter()
     figures: dict[tuple[str, str], dict[int, dict]] = {}
     largest: dict[tuple[str, str], int] = {}
-    def confirm(key) -> None:  # compile at the predicted batch; step down while it does not fit
+    def confirm(key) -> None:
+        """Compile at the predicted batch; step down while it does not fit. When it fits, the
+        line through the first and the confirmed point predicts again (memory per image falls a
+        little as batches grow), and a larger prediction is compiled once more."""
         guess = predicted_largest(figures[key])
         result = run_one(*key, guess)
         while not result["fits"] and guess > 1:
             guess = max(1, guess - max(1, guess // 16))
             result = run_one(*key, guess)
         figures[key][guess], largest[key] = result, guess
+        if result["fits"]:
+            refined = predicted_largest({b: figures[key][b] for b in (BATCHES[0], guess)})
+            if refined > guess:
+                again = run_one(*key, refined)
+                figures[key][refined] = again
+                if again["fits"]:
+                    largest[key] = refined
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         plan = [(name, topo, b) for topo in args.topology for name in args.only
