@@ -17,7 +17,7 @@ from sigmavae_jax import kernels, parallel
 from sigmavae_jax.api import DTYPES
 from sigmavae_jax.config import Config
 from sigmavae_jax.models.lpips import LPIPS, load_lpips, lpips_weight_shapes
-from sigmavae_jax.train.state import Modules, TrainState, build_modules, init_state, state_shardings
+from sigmavae_jax.train.state import Modules, TrainState, build_modules, state_shapes, state_shardings
 from sigmavae_jax.train.step import compile_train_step, make_train_step
 
 
@@ -40,7 +40,7 @@ class TrainProgram:
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings, without memory."""
-        shapes = jax.eval_shape(lambda key: init_state(self.cfg, self.modules, key), jax.random.key(0))
+        shapes = state_shapes(self.cfg, self.modules)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.state_shardings)
 
     def abstract_batch(self) -> jax.ShapeDtypeStruct:

@@ -149,11 +149,15 @@ def init_state(cfg: Config, modules: Modules, key: jax.Array, vae_params: dict[s
     )
 
 
+def state_shapes(cfg: Config, modules: Modules) -> TrainState:
+    """The shapes and dtypes of a fresh TrainState (ShapeDtypeStructs; no memory)."""
+    return jax.eval_shape(lambda key: init_state(cfg, modules, key), jax.random.key(0))
+
+
 def state_shardings(cfg: Config, modules: Modules, mesh: Mesh) -> TrainState:
     """The shardings of every TrainState leaf on `mesh`: replicated, or FSDP-split for big
     arrays (`parallel.tree_shardings`)."""
-    shapes = jax.eval_shape(lambda key: init_state(cfg, modules, key), jax.random.key(0))
-    return parallel.tree_shardings(mesh, shapes, cfg.train.fsdp_min_size)
+    return parallel.tree_shardings(mesh, state_shapes(cfg, modules), cfg.train.fsdp_min_size)
 
 
 def create_state(
