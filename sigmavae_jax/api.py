@@ -248,7 +248,8 @@ def codec_from_model(model: AutoencoderKL, config: Config, tiling: Tiling = Tili
 def load(
     path: str | pathlib.Path, *, dtype: str = "float32", tiling: Tiling | str = "auto", kernels: str = "auto"
 ) -> Codec:
-    """Loads a params export (written by convert_torch_weights.py or train.py) as a Codec.
+    """Loads a params export (written by convert_torch_weights.py or train.py; a local path or
+    gs://bucket/...) as a Codec.
 
     dtype: the compute dtype, "float32" or "bfloat16" (parameters stay as stored).
     tiling: "auto" (tile images above 1024 x 1024 pixels), "always", "never", or a `Tiling`.

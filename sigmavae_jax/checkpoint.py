@@ -4,8 +4,12 @@ Training checkpoints: one CheckpointManager in `workdir/checkpoints`, a director
     <step>/state/    the train state (any pytree of arrays; typed PRNG keys as their uint32 data)
     <step>/data/     the data-iterator state (JSON)
     <step>/config/   the config (JSON, `config.to_dict`)
-Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
-save cut short (preemption, crash) is never taken for a checkpoint.
+A save cut short (preemption, crash) is never taken for a checkpoint: on a local disk Orbax
+writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete; on Cloud
+Storage (`gs://`, where renaming is a copy) it writes `<step>/` in place and marks it complete
+with a `commit_success.txt` written last.
+
+Every path may be local or `gs://bucket/...` (`storage.path`).
 
 A params export is a directory:
     params/       an Orbax (StandardCheckpointer) pytree of arrays
@@ -18,7 +22,6 @@ a nested dict of arrays.
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from typing import Any
 
@@ -28,6 +31,7 @@ import orbax.checkpoint as ocp
 import yaml
 from jax.experimental import multihost_utils
 
+from sigmavae_jax import storage
 from sigmavae_jax.config import CheckpointConfig, Config, from_dict, to_dict
 
 PARAMS_DIR, CONFIG_FILE, EXPORT_FILE = "params", "config.yaml", "export.json"
@@ -39,20 +43,20 @@ _MAX_LISTED = 10  # entries per category in a mismatch error
 PyTree = Any
 
 
-def is_params_export(path: str | pathlib.Path) -> bool:
-    path = pathlib.Path(path)
+def is_params_export(path: str | storage.Path) -> bool:
+    path = storage.reachable(path)
     return (path / PARAMS_DIR).is_dir() and (path / CONFIG_FILE).is_file()
 
 
 def save_params(
-    path: str | pathlib.Path, params: dict[str, Any], config: Config, **export_info: Any
-) -> pathlib.Path:
+    path: str | storage.Path, params: dict[str, Any], config: Config, **export_info: Any
+) -> storage.Path:
     """Writes `params` (nested dict of arrays) and `config` to the directory `path`.
 
     Refuses to overwrite an existing non-empty directory, so nothing is lost by a typo.
     On several processes every process calls this; process 0 writes the small files.
     """
-    path = pathlib.Path(path).resolve()
+    path = storage.reachable(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
     if jax.process_count() > 1:  # all processes checked before any of them writes
@@ -70,9 +74,11 @@ def save_params(
     return path
 
 
-def load_params(path: str | pathlib.Path) -> tuple[dict[str, Any], Config]:
-    """Reads a params export: (nested dict of arrays with list indices as ints, config)."""
-    path = pathlib.Path(path).resolve()
+def load_params(path: str | storage.Path) -> tuple[dict[str, Any], Config]:
+    """Reads a params export (local or gs://): (nested dict of arrays with list indices as
+    ints, config). Raises FileNotFoundError if `path` is not one, StorageError if its bucket
+    cannot be reached."""
+    path = storage.reachable(path)
     if not is_params_export(path):
         raise FileNotFoundError(
             f"{path} is not a sigmavae_jax params export (expected {PARAMS_DIR}/ and "
@@ -118,9 +124,9 @@ class Checkpointer:
         ckpt.close()
     """
 
-    def __init__(self, workdir: str | pathlib.Path, options: CheckpointConfig | None = None):
+    def __init__(self, workdir: str | storage.Path, options: CheckpointConfig | None = None):
         options = options or CheckpointConfig()
-        self.directory = pathlib.Path(workdir).resolve() / CHECKPOINTS_DIR
+        self.directory = storage.reachable(workdir) / CHECKPOINTS_DIR
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -256,7 +262,7 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
     return jax.tree.map(with_sharding, abstract, shardings)
 
 
-def export_params(path: str | pathlib.Path, state: PyTree, config: Config, *, ema: bool) -> pathlib.Path:
+def export_params(path: str | storage.Path, state: PyTree, config: Config, *, ema: bool) -> storage.Path:
     """Writes the generator params of a train state as a params export (`save_params`),
     readable by `sigmavae_jax.load(path)`.
 

@@ -47,6 +47,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageOps
 
+from sigmavae_jax import storage
 from sigmavae_jax.config import Config, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -63,24 +64,40 @@ _EVAL_BATCHES_AHEAD = 4
 # --------------------------------------------------------------------------- decoding
 
 
-def list_image_files(path: str | os.PathLike) -> list[pathlib.Path]:
-    """Image files under `path` (recursively, extensions in any case), sorted by path.
+def list_image_files(path: str | os.PathLike) -> list[storage.Path]:
+    """Image files under `path`, a local folder or a `gs://bucket/prefix/` (recursively,
+    extensions in any case), sorted by path.
 
     Sorting makes the order, and therefore shuffles and shards, the same on every host.
     """
-    root = pathlib.Path(path).expanduser()
-    if not root.is_dir():
+    root = storage.reachable(path)
+    if not storage.within_deadline(root.is_dir, str(root)):
         raise FileNotFoundError(
             f"image folder {str(root)!r} does not exist or is not a folder; set data.path to a "
             f"folder holding {'/'.join(IMAGE_EXTENSIONS)} files"
         )
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if storage.is_remote(root):
+        files = storage.within_deadline(lambda: _remote_files(root), str(root))
+    else:
+        files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     if not files:
         raise FileNotFoundError(
             f"no images under {str(root)!r}: searched recursively for files ending in "
             f"{', '.join(IMAGE_EXTENSIONS)} (any case); point data.path at a folder of images"
         )
     return sorted(files, key=lambda p: p.as_posix())
+
+
+def _remote_files(root: storage.Path) -> list[storage.Path]:
+    """The image objects under a gs:// prefix, from one recursive listing (a per-file
+    `is_file` would be one request per image)."""
+    prefix = str(root)[len(storage.REMOTE_PREFIX):].rstrip("/")
+    found = []
+    for folder, _, names in root.walk():
+        relative = str(folder)[len(prefix):].strip("/")
+        base = root / relative if relative else root
+        found += [base / name for name in names if pathlib.PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return found
 
 
 def _open_rgb(data: bytes | str | os.PathLike, *, exif_transpose: bool = False) -> Image.Image | None:
@@ -180,10 +197,17 @@ class Skipped(NamedTuple):
 
 
 class _FolderRecord:
-    """A path string -> (name, payload) for `_DecodeResize`."""
+    """A path string -> (name, payload) for `_DecodeResize`: the path itself for a local file
+    (Pillow reads it), the object's bytes for a gs:// one (read in grain's read threads; an
+    object that cannot be read is skipped like an undecodable file)."""
 
-    def __call__(self, path: str) -> tuple[str, str]:
-        return path, path
+    def __call__(self, path: str) -> tuple[str, str | bytes]:
+        if not storage.is_remote(path):
+            return path, path
+        try:
+            return path, storage.path(path).read_bytes()
+        except OSError:
+            return path, b""
 
 
 class _TfdsRecord:
@@ -593,7 +617,7 @@ def train_iterator(
     spec = {
         "source": data.source,
         "data": (
-            str(pathlib.Path(data.path).expanduser().resolve())
+            str(storage.path(data.path))
             if data.source == "folder"
             else f"{data.name}/{data.split}"
         ),

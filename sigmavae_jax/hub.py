@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import Any
 
-from sigmavae_jax import api
+from sigmavae_jax import api, storage
 from sigmavae_jax.checkpoint import is_params_export
 
 # The converter's folder rules: its weight files in order of preference (diffusers folders,
@@ -86,6 +86,7 @@ def is_hub_name(name_or_path: str | os.PathLike) -> bool:
     """True when `name_or_path` is no existing local path but reads as a Hub name."""
     return (
         isinstance(name_or_path, str)
+        and not storage.is_remote(name_or_path)
         and not pathlib.Path(name_or_path).expanduser().exists()
         and parse_name(name_or_path) is not None
     )
@@ -342,11 +343,15 @@ def resolve(
     name_or_path: str | os.PathLike,
     subfolder: str | None = None,
     revision: str | None = None,
-) -> pathlib.Path:
-    """A local path as it is; a Hub name (an `owner/name[/subfolder][@revision]` that is no
+) -> storage.Path:
+    """A local or gs:// path as it is; a Hub name (an `owner/name[/subfolder][@revision]` that is no
     local path) as the path of its converted params export, fetched and converted on first
     use (see the module docstring). Raises HubError (a FileNotFoundError) whose message says
     what to do."""
+    if storage.is_remote(name_or_path):  # gs://... is read where it lies
+        if subfolder is not None or revision is not None:
+            raise ValueError(f"{name_or_path} is not a Hugging Face Hub name; subfolder= and revision= only apply to Hub names")
+        return storage.path(name_or_path)
     path = pathlib.Path(name_or_path).expanduser()
     parsed = parse_name(name_or_path) if isinstance(name_or_path, str) and not path.exists() else None
     if parsed is None:  # a local path (whoever reads it says if it is missing)

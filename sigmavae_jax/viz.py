@@ -3,10 +3,12 @@ PCA picture and per-channel latent histograms."""
 
 from __future__ import annotations
 
-import pathlib
+import io
 
 import numpy as np
 from PIL import Image
+
+from sigmavae_jax import storage
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -26,14 +28,28 @@ def reconstruction_grid(rows: list[np.ndarray], gap: int = 2) -> np.ndarray:
     return grid
 
 
-def save_png(path: str | pathlib.Path, image: np.ndarray) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+def save_png(path: str | storage.Path, image: np.ndarray) -> storage.Path:
+    """Writes a (H, W, 1 | 3) uint8 image as a PNG at `path` (local or gs://; folders are made)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format="png")
+    path = storage.path(path)
+    storage.write_bytes_atomically(path, buffer.getvalue())
     return path
 
 
-def robustness_figure(path: str | pathlib.Path, curves: dict[str, list[dict[str, float]]]) -> pathlib.Path:
+def _save_figure(figure, path: str | storage.Path, dpi: int) -> storage.Path:
+    """Writes a matplotlib figure as a PNG at `path` (local or gs://) and closes it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    path = storage.path(path)
+    storage.write_bytes_atomically(path, buffer.getvalue())
+    return path
+
+
+def robustness_figure(path: str | storage.Path, curves: dict[str, list[dict[str, float]]]) -> storage.Path:
     """PSNR (and LPIPS, when measured) against the latent noise sigma, one line per model.
 
     curves: model name -> the rows of `evaluate.robustness` ({"sigma", "psnr", "lpips"})."""
@@ -55,12 +71,8 @@ def robustness_figure(path: str | pathlib.Path, curves: dict[str, list[dict[str,
     for axis in axes.ravel():
         axis.grid(alpha=0.3)
         axis.legend()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path, dpi=100)
 
 
 def latent_pca_basis(latents: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -169,7 +181,7 @@ def latent_histograms(samples: dict[str, np.ndarray], bins: int = 50) -> list[di
     return out
 
 
-def latent_histogram_figure(path: str | pathlib.Path, samples: dict[str, np.ndarray], bins: int = 50) -> pathlib.Path:
+def latent_histogram_figure(path: str | storage.Path, samples: dict[str, np.ndarray], bins: int = 50) -> storage.Path:
     """One small panel per latent channel: each model's histogram of the raw values (steps,
     density) against the N(0, 1) density (dashed), each model's mean/std in the title.
 
@@ -198,8 +210,4 @@ def latent_histogram_figure(path: str | pathlib.Path, samples: dict[str, np.ndar
     handles, labels = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0.04 + 0.1 / rows, 1, 1))
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path, dpi=80)

@@ -16,6 +16,10 @@ from sigmavae_jax.topology import compile_only_environment  # noqa: E402
 
 compile_only_environment()
 
+# gcsfs's experimental bucket-type probe talks to the Storage Control gRPC API, which the local
+# Cloud Storage emulator does not serve; gcsfs reads this switch once, when first imported.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -61,3 +65,17 @@ def photo_folder_with_tiny_export(root, count: int):
     model_cfg = load_config("tiny").model
     export = checkpoint.save_params(root / "export", api.params_of(api.build_model(model_cfg, seed=2)), Config(model=model_cfg))
     return export, load_config(None, [f"data.path={root}"])
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A Cloud Storage API on localhost (fake-gcs-server), with the standard endpoint variables
+    pointing this process's clients at it for the rest of the session (gcsfs caches its
+    filesystem object, so one emulator serves every in-process test). Subprocesses get the same
+    variables from `gcs.environment()`. Stopped when the session ends."""
+    from gcs_emulator import Emulator
+
+    emulator = Emulator().start()
+    os.environ.update(emulator.environment())
+    yield emulator
+    emulator.stop()

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "out",
         metavar="OUT",
-        help="a new folder (--to jax, diffusers) or a new .safetensors file (--to ldm); never overwritten",
+        help="a new folder (--to jax, diffusers) or a new .safetensors file (--to ldm), local or gs://BUCKET/...; never overwritten",
     )
     parser.add_argument(
         "--config",
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help answers without loading JAX.
     from sigmavae_jax.config import ConfigError
     from sigmavae_jax.convert import ConversionError, ConversionWarning, convert, format_summary
+    from sigmavae_jax.storage import StorageError
 
     warnings.simplefilter("always", ConversionWarning)
     warnings.showwarning = _show_warning
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"LPIPS weights written to {convert_lpips_torch(args.src, args.lpips_heads, args.out)}")
             return 0
         summary = convert(args.src, args.out, config=args.config, to=args.to, dtype=args.dtype)
-    except (ConversionError, ConfigError) as error:
+    except (ConversionError, ConfigError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_summary(summary))

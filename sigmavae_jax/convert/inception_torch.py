@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sigmavae_jax import storage
 from sigmavae_jax.convert.errors import ConversionError, shape_str
 from sigmavae_jax.convert.lpips_torch import read_torch_state_dict
 from sigmavae_jax.messages import listing
@@ -132,7 +133,7 @@ def read_inception_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def convert_inception_torch(
     pth_path: str | os.PathLike, out_path: str | os.PathLike
-) -> pathlib.Path:
+) -> storage.Path:
     """Converts pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` into an Inception file.
 
     Args:
@@ -141,7 +142,7 @@ def convert_inception_torch(
     Returns:
       out_path as a Path.
     """
-    out_path = pathlib.Path(out_path)
+    out_path = storage.path(out_path)
     if out_path.suffix not in (".npz", ".safetensors"):
         # Checked before reading, so a typo does not cost a full conversion.
         raise ConversionError(f"out_path {out_path} must end in .npz or .safetensors")

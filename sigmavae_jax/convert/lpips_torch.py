@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sigmavae_jax import storage
 from sigmavae_jax.convert.errors import ConversionError, shape_str
 from sigmavae_jax.messages import listing
 from sigmavae_jax.models.lpips import (
@@ -196,7 +197,7 @@ def read_torch_state_dict(
 
 def convert_lpips_torch(
     vgg_path: str | os.PathLike, lin_path: str | os.PathLike, out_path: str | os.PathLike
-) -> pathlib.Path:
+) -> storage.Path:
     """Converts torchvision's VGG16 + lpips' v0.1 heads into one LPIPS weight file.
 
     Args:
@@ -206,7 +207,7 @@ def convert_lpips_torch(
     Returns:
       out_path as a Path.
     """
-    out_path = pathlib.Path(out_path)
+    out_path = storage.path(out_path)
     if out_path.suffix not in (".npz", ".safetensors"):
         # Checked before the slow part, so a typo does not cost a full conversion.
         raise ConversionError(f"out_path {out_path} must end in .npz or .safetensors")

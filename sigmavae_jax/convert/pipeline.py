@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from sigmavae_jax import api
+from sigmavae_jax import api, storage
 from sigmavae_jax.checkpoint import is_params_export, load_params
 from sigmavae_jax.config import Config, ModelConfig, to_dict
 from sigmavae_jax.convert import infer, keymaps, readers, writers
@@ -186,7 +186,7 @@ def load_params_export(src: str | os.PathLike, config: ConfigArg = None) -> Conv
         layout="jax",
         ignored_keys=[],
         source_dtypes=sorted({str(np.asarray(v).dtype) for v in flat.values()}),
-        source=str(pathlib.Path(src).resolve()),
+        source=str(storage.path(src)),
         warnings=notes,
     )
 
@@ -208,7 +208,7 @@ def convert(
     dtype: of the written weights, "float32" or "bfloat16".
     """
     start = time.perf_counter()
-    out = pathlib.Path(out).expanduser()
+    out = storage.reachable(out)
     writers.check_output(out, to)
     writers.check_dtype(dtype)
     if is_params_export(src):
@@ -252,7 +252,7 @@ def convert(
         "source_dtypes": converted.source_dtypes,
         "output_dtype": dtype,
         "config": {f: model_dict[f] for f in infer.ARCHITECTURE_FIELDS + infer.LATENT_FIELDS},
-        "output": str(pathlib.Path(written).resolve()),
+        "output": str(storage.path(written)),
         "format": to,
         "warnings": converted.warnings + write_notes,
         "elapsed_s": round(time.perf_counter() - start, 2),

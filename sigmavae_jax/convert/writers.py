@@ -4,14 +4,13 @@ LDM-key safetensors file. Nothing here needs torch (safetensors.numpy writes the
 from __future__ import annotations
 
 import json
-import pathlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from sigmavae_jax import api
+from sigmavae_jax import api, storage
 from sigmavae_jax.checkpoint import save_params
 from sigmavae_jax.config import Config, ModelConfig, to_dict
 from sigmavae_jax.convert.errors import ConversionError, ConversionWarning
@@ -23,7 +22,7 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_CONFIG = "config.json"
 
 
-def check_output(out: pathlib.Path, to: str) -> None:
+def check_output(out: storage.Path, to: str) -> None:
     """Raises before any work is done if `out` cannot be written: never overwrite anything."""
     if to not in TARGETS:
         raise ConversionError(f"output format {to!r} unknown; use one of {list(TARGETS)}")
@@ -66,8 +65,8 @@ def cast_params(params: Mapping[Any, Any], dtype: str) -> dict[Any, Any]:
 
 
 def write_jax(
-    out: pathlib.Path, params: Mapping[Any, Any], config: Config, **export_info: Any
-) -> pathlib.Path:
+    out: storage.Path, params: Mapping[Any, Any], config: Config, **export_info: Any
+) -> storage.Path:
     """A params export that `sigmavae_jax.load(out)` reads."""
     try:
         return save_params(out, dict(params), config, **export_info)
@@ -118,19 +117,19 @@ def _warn_unrepresentable(model: ModelConfig) -> None:
 
 
 def _save_safetensors(
-    tensors: dict[str, np.ndarray], path: pathlib.Path, model: ModelConfig
+    tensors: dict[str, np.ndarray], path: storage.Path, model: ModelConfig
 ) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     # "format": "pt" tells torch-side loaders these are torch-layout tensors; the embedded
     # config lets this file convert back without guessing groups or scaling factors.
     metadata = {"format": "pt", EMBEDDED_CONFIG_KEY: json.dumps(to_dict(model))}
-    save_file(tensors, str(path), metadata=metadata)
+    storage.write_bytes_atomically(path, save(tensors, metadata=metadata))
 
 
 def write_diffusers(
-    out: pathlib.Path, params: Mapping[Any, Any], model: ModelConfig
-) -> pathlib.Path:
+    out: storage.Path, params: Mapping[Any, Any], model: ModelConfig
+) -> storage.Path:
     """A folder that `diffusers.AutoencoderKL.from_pretrained(out)` loads."""
     _warn_unrepresentable(model)
     state = to_diffusers_state_dict(params, model)
@@ -140,7 +139,7 @@ def write_diffusers(
     return out
 
 
-def write_ldm(out: pathlib.Path, params: Mapping[Any, Any], model: ModelConfig) -> pathlib.Path:
+def write_ldm(out: storage.Path, params: Mapping[Any, Any], model: ModelConfig) -> storage.Path:
     """One safetensors file with LDM/CompVis keys (attention as 1x1 convs)."""
     state = to_ldm_state_dict(params, model)
     out.parent.mkdir(parents=True, exist_ok=True)
