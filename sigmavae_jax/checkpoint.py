@@ -85,7 +85,11 @@ def load_params(path: str | storage.Path) -> tuple[dict[str, Any], Config]:
             f"{CONFIG_FILE}); convert torch weights with `python convert_torch_weights.py SRC {path}`"
         )
     config = from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()) or {}, str(path / CONFIG_FILE))
-    restored = ocp.StandardCheckpointer().restore(path / PARAMS_DIR)
+    checkpointer = ocp.StandardCheckpointer()
+    # Restored into host numpy arrays of the stored shapes and dtypes: without a target Orbax
+    # would place them by the saving run's device layout, which another process count refuses.
+    stored = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree
+    restored = checkpointer.restore(path / PARAMS_DIR, jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), stored))
     return _int_keys(restored), config
 
 

@@ -1,17 +1,27 @@
 """The evaluation loop (DESIGN section 9): data -> encode/decode -> metrics merged over
 devices and processes -> report. `evaluate(...)` is what eval.py calls.
 
-Per batch, one compiled function returns masked SUMS (PSNR, SSIM, LPIPS, and for rFID the
-Inception feature sums and outer products of originals and reconstructions); the host adds
-them up in float64, so padding rows of the last batch never count and the result does not
-depend on how images were split over batches, devices or processes.
+Per batch, one compiled function returns each image's PSNR, SSIM and LPIPS and, for rFID, the
+Inception features of the original and the reconstruction. Every process takes its own real
+rows of them (the padding rows of a last, partial batch are dropped) and adds them up in
+float64: the metric sums, and for rFID the feature sums and sums of outer products. At the end
+those float64 sums are added over the processes, once, in process order. So the merge adds
+nothing but float64 rounding (about 1e-16 relatively): several hosts give what one host gives
+when the model computes each image alike. (XLA may round an image's float32 values differently
+when a device holds a different number of rows, by about 1e-7 relatively; and a sampled
+posterior draws its noise per batch, so its figures depend on how images fall into batches.)
+
+With several processes every process reads its own share of the images (`data.eval_batches`),
+all of them run the same number of batches (a process whose share has run out runs pure
+padding), every one returns the same report, and process 0 alone writes files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -20,9 +30,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sigmavae_jax import data, metrics, parallel, viz
+from sigmavae_jax import data, metrics, parallel, storage, viz
 from sigmavae_jax.api import Codec
 from sigmavae_jax.config import Config
+
+FEATURE_DIM = 2048  # FID Inception pool features
+_FEATURE_ROWS_PER_UPDATE = 1024  # features are added to the float64 sums in blocks of this many rows
+_MERGE_WORDS = 1 << 21  # uint32 words (8 MiB) per process in one all-gather of the float64 sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,34 +53,90 @@ class EvalSettings:
 
 
 def _batch_function(codec: Codec, settings: EvalSettings, lpips_graph, inception_graph):
-    def batch_metrics(params, lpips_vars, inception_vars, images, mask, key):
+    """(params, lpips vars, inception vars, images, key) -> (per-image values, x_hat): PSNR, SSIM
+    (B,), LPIPS (B,) with an LPIPS, and the Inception features "real", "fake" (B, 2048) with an
+    Inception. Padding rows are computed like the others (and may hold inf); the host drops them."""
+
+    def batch_values(params, lpips_vars, inception_vars, images, key):
         model = nnx.merge(codec.graphdef, params)
         posterior = model.posterior(images)
         z = posterior.sample(key) if settings.sample_posterior else posterior.mode()
         x_hat = model.decode(z)
         a01, b01 = metrics.to_unit_range(images), metrics.to_unit_range(x_hat)
-        real = mask > 0
-
-        def masked_sum(values):  # padding rows may hold inf/nan (e.g. PSNR of equal images)
-            return jnp.sum(jnp.where(real, values, 0.0))
-
-        sums = {"psnr": masked_sum(metrics.psnr(a01, b01)), "ssim": masked_sum(metrics.ssim(a01, b01)), "count": jnp.sum(mask)}
+        values = {"psnr": metrics.psnr(a01, b01), "ssim": metrics.ssim(a01, b01)}
         if lpips_graph is not None:  # inputs in [-1, 1], reconstruction not clamped
-            sums["lpips"] = masked_sum(nnx.merge(lpips_graph, lpips_vars)(images, x_hat))
+            values["lpips"] = nnx.merge(lpips_graph, lpips_vars)(images, x_hat)
         if inception_graph is not None:
             inception = nnx.merge(inception_graph, inception_vars)
             for name, x01 in (("real", a01), ("fake", b01)):
-                features = inception(metrics.quantize_uint8(x01, settings.fid_rounding))  # (B, 2048)
-                features = jnp.where(real[:, None], features, 0.0)
-                sums[f"{name}_total"] = jnp.sum(features, axis=0)
-                sums[f"{name}_outer"] = jnp.matmul(features.T, features, precision=jax.lax.Precision.HIGHEST)
-        return sums, x_hat
+                values[name] = inception(metrics.quantize_uint8(x01, settings.fid_rounding)).astype(jnp.float32)
+        return values, x_hat
 
-    return batch_metrics
+    return batch_values
 
 
 def _split(module) -> tuple[Any, Any]:
     return nnx.split(module) if module is not None else (None, None)
+
+
+class _FeatureSums:
+    """The float64 feature count, sum and sum of outer products of one process's images, fed a
+    batch of rows at a time and added up in blocks of `_FEATURE_ROWS_PER_UPDATE` rows (one
+    float64 matrix product per block, instead of one per batch)."""
+
+    def __init__(self) -> None:
+        self.stats = metrics.FeatureStats(FEATURE_DIM)
+        self._pending: list[np.ndarray] = []
+        self._rows = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self._pending.append(np.asarray(rows, np.float32))
+            self._rows += len(rows)
+        if self._rows >= _FEATURE_ROWS_PER_UPDATE:
+            self.flush()
+
+    def flush(self) -> metrics.FeatureStats:
+        if self._pending:
+            self.stats.update(np.concatenate(self._pending))
+            self._pending, self._rows = [], 0
+        return self.stats
+
+
+def sum_over_processes(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`values` (float64 arrays with the same names and shapes on every process) added up over
+    all processes in process order; every process gets the same result. The float64 bits travel
+    as uint32 words (JAX computes without 64-bit types here), in pieces of `_MERGE_WORDS` words
+    per process, so no device holds more than process_count * 8 MiB of them at once."""
+    values = {name: np.asarray(value, np.float64) for name, value in values.items()}
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    names = sorted(values)
+    words = np.concatenate([values[name].ravel() for name in names]).view(np.uint32)
+    total = np.empty(words.size // 2, np.float64)
+    for start in range(0, words.size, _MERGE_WORDS):
+        piece = np.asarray(multihost_utils.process_allgather(words[start : start + _MERGE_WORDS]))
+        parts = np.ascontiguousarray(piece.reshape(jax.process_count(), -1)).view(np.float64)  # (processes, n)
+        merged = parts[0].copy()
+        for row in parts[1:]:  # in process order, the same on every process
+            merged += row
+        total[start // 2 : start // 2 + merged.size] = merged
+    out, offset = {}, 0
+    for name in names:
+        size = values[name].size
+        out[name] = total[offset : offset + size].reshape(values[name].shape)
+        offset += size
+    return out
+
+
+def _merged_skips(report: dict[str, Any]) -> dict[str, Any]:
+    """The unreadable-image reports of all processes as one (files in process order)."""
+    if jax.process_count() == 1:
+        return report
+    files = list(dict.fromkeys(name for one in parallel.gather_json(report) for name in one["files"]))
+    return {"skipped": len(files), "files": files}
 
 
 def evaluate(
@@ -76,8 +146,8 @@ def evaluate(
     *,
     lpips=None,
     inception=None,
-    reference_stats: pathlib.Path | None = None,
-    out_dir: pathlib.Path | None = None,
+    reference_stats: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Reconstruction metrics of `codec` over cfg.data (its eval split, or the folder).
@@ -85,82 +155,85 @@ def evaluate(
     lpips: an LPIPS module (None: no LPIPS). inception: an FID Inception module mapping
     (B, H, W, 3) in [0, 1] to (B, 2048) (None: no rFID). reference_stats: an .npz with the
     originals' Inception statistics (mu, sigma, count, settings), read if it exists and
-    written otherwise. Returns the report dict (also written to out_dir/eval.json).
+    written otherwise. out_dir receives eval.json and the reconstruction PNGs. Both paths may be
+    local or gs://. Returns the report dict, the same on every process; only process 0 writes
+    files (with several processes, its PNGs show the first images of its own share).
     """
     mesh = parallel.make_mesh(-1, 1)
-    processes = jax.process_count()
+    processes, writer = jax.process_count(), jax.process_index() == 0
     if settings.batch_size % mesh.size:
         raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
+    reference_stats = storage.reachable(reference_stats) if reference_stats is not None else None
+    out_dir = storage.reachable(out_dir) if out_dir is not None else None
     local_batch = settings.batch_size // processes
     lpips_graph, lpips_vars = _split(lpips)
     inception_graph, inception_vars = _split(inception)
     replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))  # noqa: E731
     step = jax.jit(
         _batch_function(codec, settings, lpips_graph, inception_graph),
-        out_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=parallel.batch_sharding(mesh),
     )
     params, lpips_vars, inception_vars = replicate(codec.params), replicate(lpips_vars), replicate(inception_vars)
 
-    batches = data.eval_batches(
-        cfg, size=settings.size, batch_size=local_batch, process_index=jax.process_index(),
-        process_count=processes, limit=settings.num_images,
-    )
-    totals: dict[str, float] = {}
-    real, fake = metrics.FeatureStats(2048), metrics.FeatureStats(2048)
+    batches = _eval_batches(cfg, settings, local_batch)
+    totals = {"count": 0.0, "psnr": 0.0, "ssim": 0.0, **({"lpips": 0.0} if lpips is not None else {})}
+    features = {"real": _FeatureSums(), "fake": _FeatureSums()} if inception is not None else {}
     saved = 0
     key = jax.random.key(settings.seed)
-    bar = tqdm(total=len(batches), unit="batch", disable=not (progress and jax.process_index() == 0), dynamic_ncols=True)
+    bar = tqdm(total=len(batches), unit="batch", disable=not (progress and writer), dynamic_ncols=True)
     with batches:
         for index, (images, count) in enumerate(batches):
-            mask = (np.arange(local_batch) < count).astype(np.float32)
-            sums, x_hat = step(
-                params, lpips_vars, inception_vars, parallel.global_batch(images, mesh),
-                parallel.global_batch(mask, mesh), jax.random.fold_in(key, index),
-            )
-            sums = jax.device_get(sums)
-            for name in ("psnr", "ssim", "lpips", "count"):
-                if name in sums:
-                    totals[name] = totals.get(name, 0.0) + float(sums[name])
-            if inception is not None:
-                real.add(sums["count"], sums["real_total"], sums["real_outer"])
-                fake.add(sums["count"], sums["fake_total"], sums["fake_outer"])
-            if out_dir is not None and saved < settings.save_reconstructions and jax.process_index() == 0:
-                local = np.asarray(x_hat.addressable_data(0)) if processes > 1 else np.asarray(x_hat)
-                take = min(count, settings.save_reconstructions - saved, local.shape[0])
+            values, x_hat = step(params, lpips_vars, inception_vars, parallel.global_batch(images, mesh),
+                                 jax.random.fold_in(key, index))
+            rows = {name: _local_rows(value)[:count] for name, value in values.items()}  # this process's real rows
+            totals["count"] += count
+            for name in ("psnr", "ssim", "lpips"):
+                if name in totals:
+                    totals[name] += float(np.sum(rows[name], dtype=np.float64))
+            for name, sums in features.items():
+                sums.add(rows[name])
+            if out_dir is not None and saved < settings.save_reconstructions and writer:
+                take = min(count, settings.save_reconstructions - saved)
+                local = _local_rows(x_hat)[:take]
                 for i in range(take):
                     viz.save_png(out_dir / "reconstructions" / f"{saved + i:05d}.png", viz.reconstruction_grid([images[i : i + 1], local[i : i + 1]]))
                 saved += take
             bar.update(1)
             bar.set_postfix(images=int(totals["count"]), psnr=f"{totals['psnr'] / max(totals['count'], 1):.2f}")
     bar.close()
-    count = int(round(totals["count"]))
+    sums = {name: np.float64(value) for name, value in totals.items()}
+    for name, feature_sums in features.items():
+        stats = feature_sums.flush()
+        sums[f"{name}_total"], sums[f"{name}_outer"] = stats.total, stats.outer
+    sums = sum_over_processes(sums)  # the one cross-process step, after the last batch
+    count = int(round(float(sums["count"])))
     if count == 0:
         raise ValueError("no readable image in the evaluation data")
     report: dict[str, Any] = {
         "images": count,
-        "psnr": totals["psnr"] / count,
-        "ssim": totals["ssim"] / count,
-        "lpips": totals["lpips"] / count if "lpips" in totals else None,
+        "psnr": float(sums["psnr"]) / count,
+        "ssim": float(sums["ssim"]) / count,
+        "lpips": float(sums["lpips"]) / count if "lpips" in sums else None,
         "rfid": None,
         "settings": dataclasses.asdict(settings),
         "data": cfg.data.model_dump(mode="json") if cfg.data else None,
-        "skipped_images": batches.skipped(),
+        "skipped_images": _merged_skips(batches.skipped()),
     }
     if inception is not None:
+        real, fake = (metrics.FeatureStats(FEATURE_DIM).add(count, sums[f"{n}_total"], sums[f"{n}_outer"]) for n in ("real", "fake"))
         mu_real, sigma_real = _reference(real, reference_stats, settings)
         mu_fake, sigma_fake = fake.mean_cov()
         report["rfid"] = metrics.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
-    if out_dir is not None and jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if out_dir is not None and writer:
+        storage.write_bytes_atomically(out_dir / "eval.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
     return report
 
 
-def _reference(real: metrics.FeatureStats, path: pathlib.Path | None, settings: EvalSettings):
-    """The originals' statistics: from `path` if it exists (checked to match), else computed
-    here and cached to `path`."""
-    if path is not None and pathlib.Path(path).exists():
-        cached = np.load(path)
+def _reference(real: metrics.FeatureStats, path: storage.Path | None, settings: EvalSettings):
+    """The originals' statistics: from `path` (local or gs://) if it exists, checked to be over
+    as many images, else computed here and written to `path` by process 0 (whole or not at all)."""
+    if path is not None and path.exists():
+        cached = np.load(io.BytesIO(path.read_bytes()))
         if int(cached["count"]) != real.count:
             raise ValueError(
                 f"reference statistics {path} are over {int(cached['count'])} images, this evaluation "
@@ -169,7 +242,9 @@ def _reference(real: metrics.FeatureStats, path: pathlib.Path | None, settings: 
         return cached["mu"], cached["sigma"]
     mu, sigma = real.mean_cov()
     if path is not None and jax.process_index() == 0:
-        np.savez(path, mu=mu, sigma=sigma, count=real.count, size=settings.size, rounding=settings.fid_rounding)
+        buffer = io.BytesIO()
+        np.savez(buffer, mu=mu, sigma=sigma, count=real.count, size=settings.size, rounding=settings.fid_rounding)
+        storage.write_bytes_atomically(path, buffer.getvalue())
     return mu, sigma
 
 

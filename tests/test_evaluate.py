@@ -131,3 +131,19 @@ def test_robustness_sweep_degrades_with_noise_and_draws_a_curve(setup, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| a | " in done.stdout and "| export | " in done.stdout
     assert (tmp_path / "robustness.png").stat().st_size > 1000 and (tmp_path / "robustness.json").exists()
+
+
+def test_feature_sums_in_blocks_equal_one_update(monkeypatch):
+    from sigmavae_jax import evaluate
+
+    monkeypatch.setattr(evaluate, "_FEATURE_ROWS_PER_UPDATE", 3)  # added once 3 or more rows wait: after batches 2 and 4
+    features = np.random.default_rng(0).normal(size=(9, 2048)).astype(np.float32)
+    sums = evaluate._FeatureSums()
+    for start, stop in ((0, 2), (2, 4), (4, 4), (4, 7), (7, 9)):  # one batch without real rows
+        sums.add(features[start:stop])
+    assert sums.stats.count == 7  # the last batch's 2 rows wait for the final flush
+    stats = sums.flush()
+    want = metrics.FeatureStats(2048).update(features)
+    assert stats.count == 9
+    np.testing.assert_allclose(stats.total, want.total, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.outer, want.outer, rtol=1e-12, atol=1e-12)
