@@ -20,102 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sigmavae_jax.kernels import XLA, Kernels, select
 from sigmavae_jax.checkpoint import load_params
 from sigmavae_jax.config import Config, ModelConfig
-from sigmavae_jax.messages import listing
+from sigmavae_jax.kernels import XLA, Kernels
 from sigmavae_jax.models import latent, layers
 from sigmavae_jax.models.autoencoder import AutoencoderKL, check_image_shape, check_latent_shape
+from sigmavae_jax.models.params import (  # noqa: F401 (the user-facing names of the parameter tree)
+    DTYPES,
+    abstract_model,
+    build_model,
+    check_params,
+    expected_params,
+    flatten_params,
+    local_kernels,
+    params_of,
+    unflatten_params,
+)
 from sigmavae_jax.tiling import Tiling, tiled_apply
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def abstract_model(cfg: ModelConfig, dtype, model_kernels: Kernels = XLA) -> AutoencoderKL:
-    """The AutoencoderKL of `cfg` as shapes only (`nnx.eval_shape`): no memory, no random draws."""
-    return nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, kernels=model_kernels))
-
-
-def local_kernels(setting: str | Kernels = "auto") -> Kernels:
-    """`setting` as kernels for programs on this process's first device, where a codec's
-    functions run (a `Kernels` passes through)."""
-    if isinstance(setting, Kernels):
-        return setting
-    return select(setting, jax.local_devices()[:1])
-
-
-def expected_params(cfg: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
-    """Every parameter of the model for `cfg`: flat path tuple -> shape/dtype, no memory used."""
-    state = nnx.state(abstract_model(cfg, jnp.float32), nnx.Param)
-    return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
-
-
-def flatten_params(params: dict[Any, Any], prefix: tuple = ()) -> dict[tuple, Any]:
-    """Nested params dict -> {path tuple: array}."""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update(flatten_params(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
-def unflatten_params(flat: dict[tuple, Any]) -> dict[Any, Any]:
-    """{path tuple: array} -> nested params dict."""
-    tree: dict[Any, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
-def check_params(params: dict[Any, Any], cfg: ModelConfig) -> None:
-    """Raises ValueError listing missing, unexpected and mis-shaped params (up to 20 each)."""
-    expected = expected_params(cfg)
-    given = flatten_params(params)
-    missing = [p for p in expected if p not in given]
-    unexpected = [p for p in given if p not in expected]
-    misshaped = [
-        p for p in expected if p in given and tuple(np.shape(given[p])) != tuple(expected[p].shape)
-    ]
-    if not (missing or unexpected or misshaped):
-        return
-    name = lambda p: "/".join(map(str, p))  # noqa: E731
-    lines = ["params do not fit the model config:"]
-    lines += listing("missing", [f"{name(p)} expected {tuple(expected[p].shape)}" for p in missing])
-    lines += listing("unexpected", [f"{name(p)} {tuple(np.shape(given[p]))}" for p in unexpected])
-    lines += listing(
-        "mis-shaped",
-        [f"{name(p)} got {tuple(np.shape(given[p]))}, expected {tuple(expected[p].shape)}" for p in misshaped],
-    )
-    raise ValueError("\n".join(lines))
-
-
-def params_of(model: AutoencoderKL) -> dict[Any, Any]:
-    """The model's parameters as a nested dict of arrays (list indices as ints)."""
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def build_model(
-    cfg: ModelConfig, params: dict[Any, Any] | None = None, *, dtype="float32", seed: int = 0,
-    kernels: str | Kernels = "auto",
-):
-    """An AutoencoderKL for `cfg`: randomly initialised (`seed`) or holding `params`.
-    kernels: "auto" | "xla" | "cpu" (see `local_kernels`) or a `Kernels`."""
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model_kernels = local_kernels(kernels)
-    if params is None:
-        return AutoencoderKL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, kernels=model_kernels)
-    check_params(params, cfg)
-    model = abstract_model(cfg, dtype, model_kernels)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    nnx.update(model, state)
-    return model
-
 
 @dataclasses.dataclass(frozen=True)
 class Codec:

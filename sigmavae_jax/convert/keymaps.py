@@ -3,7 +3,7 @@ transposes between the JAX and torch array layouts.
 
 Our parameter paths mirror the LDM/CompVis keys (`encoder/down/0/block/1/conv2/kernel` is
 `encoder.down.0.block.1.conv2.weight`), so the LDM name of every parameter follows from the
-model itself (`api.expected_params`) rather than from a hand-written list. Diffusers names are
+model itself (`param_tree.expected_params`) rather than from a hand-written list. Diffusers names are
 a rewrite of LDM names; the one trap is the decoder, whose `up_blocks.i` is LDM `up.(n-1-i)`.
 
 Array layouts (C = channels, k = kernel size):
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sigmavae_jax import api
+from sigmavae_jax.models import params as param_tree
 from sigmavae_jax.config import ModelConfig
 from sigmavae_jax.convert.errors import ConversionError
 
@@ -70,7 +70,7 @@ def _kind_of(path: tuple, shape: tuple[int, ...]) -> Kind:
 def param_slots(cfg: ModelConfig) -> tuple[ParamSlot, ...]:
     """Every parameter of the model for `cfg`, derived from the model itself."""
     slots = []
-    for path, spec in api.expected_params(cfg).items():
+    for path, spec in param_tree.expected_params(cfg).items():
         shape = tuple(spec.shape)
         slots.append(ParamSlot(path, ldm_key_of(path), _kind_of(path, shape), shape))
     return tuple(slots)
@@ -385,10 +385,10 @@ def canonical_names(vae: VaeKeys, layout: str, n_levels: int) -> dict[str, str]:
 
 def _flat_checked(params: Mapping[Any, Any], model_cfg: ModelConfig) -> dict[tuple, Any]:
     try:
-        api.check_params(dict(params), model_cfg)
+        param_tree.check_params(dict(params), model_cfg)
     except ValueError as error:
         raise ConversionError(str(error)) from None
-    return api.flatten_params(dict(params))
+    return param_tree.flatten_params(dict(params))
 
 
 def to_ldm_state_dict(params: Mapping[Any, Any], model_cfg: ModelConfig) -> dict[str, np.ndarray]:

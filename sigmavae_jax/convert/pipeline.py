@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from sigmavae_jax import api, storage
+from sigmavae_jax import storage
+from sigmavae_jax.models import params as param_tree
 from sigmavae_jax.checkpoint import is_params_export, load_params
 from sigmavae_jax.config import Config, ModelConfig, to_dict
 from sigmavae_jax.convert import infer, keymaps, readers, writers
@@ -161,7 +162,7 @@ def load_torch_weights(
         source.weights.close()
     return Converted(
         config=config_obj,
-        params=api.unflatten_params(flat),
+        params=param_tree.unflatten_params(flat),
         layout=layout,
         ignored_keys=vae.ignored + weights.non_tensors,
         source_dtypes=sorted({weights.tensors[name].dtype for _, name in plan}),
@@ -179,10 +180,10 @@ def load_params_export(src: str | os.PathLike, config: ConfigArg = None) -> Conv
     if given is not None:
         arch = {f: getattr(exported.model, f) for f in infer.ARCHITECTURE_FIELDS}
         exported, notes = infer.resolve_config(arch, None, "", given, given_label)
-    flat = api.flatten_params(params)
+    flat = param_tree.flatten_params(params)
     return Converted(
         config=exported,
-        params=api.unflatten_params({path: np.asarray(value) for path, value in flat.items()}),
+        params=param_tree.unflatten_params({path: np.asarray(value) for path, value in flat.items()}),
         layout="jax",
         ignored_keys=[],
         source_dtypes=sorted({str(np.asarray(v).dtype) for v in flat.values()}),
@@ -240,7 +241,7 @@ def convert(
             written = writers.write_ldm(out, params, model)
     write_notes = [str(w.message) for w in caught]
     _emit(write_notes)
-    leaves = api.flatten_params(converted.params).values()
+    leaves = param_tree.flatten_params(converted.params).values()
     model_dict = to_dict(model)
     return {
         "source": converted.source,

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from sigmavae_jax import api, storage
+from sigmavae_jax import storage
+from sigmavae_jax.models import params as param_tree
 from sigmavae_jax.checkpoint import save_params
 from sigmavae_jax.config import Config, ModelConfig, to_dict
 from sigmavae_jax.convert.errors import ConversionError, ConversionWarning
@@ -49,13 +50,13 @@ def check_output(out: storage.Path, to: str) -> None:
 
 
 def check_dtype(dtype: str) -> None:
-    if dtype not in api.DTYPES:
-        raise ConversionError(f"dtype {dtype!r} unknown; use one of {sorted(api.DTYPES)}")
+    if dtype not in param_tree.DTYPES:
+        raise ConversionError(f"dtype {dtype!r} unknown; use one of {sorted(param_tree.DTYPES)}")
 
 
 def cast_params(params: Mapping[Any, Any], dtype: str) -> dict[Any, Any]:
     """Nested params with every array cast to `dtype` ("float32" or "bfloat16") as numpy."""
-    target = np.dtype(api.DTYPES[dtype])  # jnp.bfloat16 is the ml_dtypes numpy type
+    target = np.dtype(param_tree.DTYPES[dtype])  # jnp.bfloat16 is the ml_dtypes numpy type
     return {
         key: cast_params(value, dtype)
         if isinstance(value, Mapping)

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sigmavae_jax import kernels, parallel
-from sigmavae_jax.api import DTYPES
+from sigmavae_jax.models.params import DTYPES
 from sigmavae_jax.config import Config
 from sigmavae_jax.models.lpips import LPIPS, load_lpips, lpips_weight_shapes
 from sigmavae_jax.train.state import Modules, TrainState, build_modules, state_shapes, state_shardings

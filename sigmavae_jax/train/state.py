@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sigmavae_jax import parallel
-from sigmavae_jax.api import DTYPES, flatten_params, unflatten_params
+from sigmavae_jax.models.params import DTYPES, flatten_params, unflatten_params
 from sigmavae_jax.config import Config, OptimConfig
 from sigmavae_jax.kernels import XLA, Kernels
 from sigmavae_jax.models.autoencoder import AutoencoderKL

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sigmavae_jax import losses, parallel
-from sigmavae_jax.api import flatten_params, unflatten_params
+from sigmavae_jax.models.params import flatten_params, unflatten_params
 from sigmavae_jax.config import Config
 from sigmavae_jax.models import layers
 from sigmavae_jax.train.state import Modules, TrainState
