@@ -36,7 +36,7 @@ class SigmaNoiseConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """AutoencoderKL architecture, posterior and latent conventions (DESIGN section 3)."""
+    """AutoencoderKL architecture, posterior and latent conventions."""
 
     in_channels: int = pydantic.Field(3, gt=0)
     out_channels: int = pydantic.Field(3, gt=0)
@@ -94,7 +94,7 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """The reference `GeneralLPIPSWithDiscriminator` (DESIGN section 5)."""
+    """The reference `GeneralLPIPSWithDiscriminator`."""
 
     pixel_loss: Literal["l1", "l2"] = "l1"
     perceptual_weight: float = pydantic.Field(1.0, ge=0.0)
@@ -169,7 +169,7 @@ class TrainConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where images come from and how they are prepared (DESIGN section 8)."""
+    """Where images come from and how they are prepared."""
 
     source: Literal["tfds", "folder"] = "folder"
     name: str = "imagenet2012"  # tfds dataset name (source=tfds)

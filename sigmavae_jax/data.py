@@ -1,4 +1,4 @@
-"""Input pipelines: grain over a tfds data source or a folder of images (DESIGN section 8).
+"""Input pipelines: grain over a tfds data source or a folder of images.
 
 Public API
 ----------
@@ -440,7 +440,7 @@ def _maybe_multiprocess(dataset: grain.IterDataset, data: DataConfig) -> grain.I
     if data.workers == 0:
         return dataset
     from absl import flags  # grain reads absl flags in workers; outside an absl app they
-    # are unparsed and mp_prefetch fails with UnparsedFlagAccessError (NOTES).
+    # are unparsed and mp_prefetch fails with UnparsedFlagAccessError.
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

@@ -1,4 +1,4 @@
-"""The evaluation loop (DESIGN section 9): data -> encode/decode -> metrics merged over
+"""The evaluation loop: data -> encode/decode -> metrics merged over
 devices and processes -> report. `evaluate(...)` is what eval.py calls.
 
 Per batch, one compiled function returns each image's PSNR, SSIM and LPIPS and, for rFID, the
@@ -41,7 +41,7 @@ _MERGE_WORDS = 1 << 21  # uint32 words (8 MiB) per process in one all-gather of 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """What the reference table's protocol leaves open (DESIGN section 9)."""
+    """What the reference table's protocol leaves open."""
 
     num_images: int | None = None  # None: the whole split / folder
     batch_size: int = 32  # global, over all devices and processes

@@ -1,4 +1,4 @@
-"""The reference `GeneralLPIPSWithDiscriminator` losses (DESIGN section 5), as pure functions.
+"""The reference `GeneralLPIPSWithDiscriminator` losses, as pure functions.
 
 Images are NHWC float32 in [-1, 1]. Everything is computed in float32.
 """

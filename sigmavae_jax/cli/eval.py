@@ -1,4 +1,4 @@
-"""Evaluate a VAE's reconstructions: rFID, PSNR, SSIM, LPIPS (DESIGN section 9).
+"""Evaluate a VAE's reconstructions: rFID, PSNR, SSIM, LPIPS.
 
     sigmavae-eval --checkpoint out/flux data.source=tfds data.name=imagenet2012 data.dir=/data/tfds
 

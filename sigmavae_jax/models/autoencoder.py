@@ -140,13 +140,6 @@ class Decoder(nnx.Module):
             h = level(h)
         return nnx.silu(self.norm_out(h))
 
-    def features(self, z: jax.Array) -> jax.Array:
-        """Everything up to conv_out: its input (B, H, W, ch * ch_mult[0])."""
-        return self.upsample_features(self.bottleneck(z))
-
-    def __call__(self, z: jax.Array) -> jax.Array:
-        return self.conv_out(self.features(z))
-
 
 def check_image_shape(cfg: ModelConfig, shape: tuple[int, ...]) -> None:
     """Raises ValueError unless `shape` is (B, H, W, in_channels) with H, W multiples of
@@ -265,9 +258,3 @@ class AutoencoderKL(nnx.Module):
         z = posterior.sample(sample_key) if self.cfg.sample_posterior else posterior.mode()
         noise = self.cfg.noise
         return latent.add_sigma_noise(z, noise_key, noise.distribution, noise.strength)
-
-    def scale(self, z: jax.Array) -> jax.Array:
-        return latent.scale_latent(z, self.cfg.scaling_factor, self.cfg.shift_factor)
-
-    def unscale(self, z: jax.Array) -> jax.Array:
-        return latent.unscale_latent(z, self.cfg.scaling_factor, self.cfg.shift_factor)

@@ -1,5 +1,5 @@
 """What happens between encoder and decoder: the posterior, latent normalisation,
-Sigma-VAE noise and the scale/shift factors a downstream model uses (DESIGN sections 3-4).
+Sigma-VAE noise and the scale/shift factors a downstream model uses.
 
 All functions are pure and take NHWC latents.
 """

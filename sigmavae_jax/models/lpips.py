@@ -154,10 +154,9 @@ class FrozenConv(nnx.Module):
 def _conv_as_matmul(x: jax.Array, kernel: jax.Array, precision: Precision) -> jax.Array:
     """A 'same' k x k conv as one matmul over the k*k shifted copies of x (im2col).
 
-    Used for maps with a side of 1 or 2 (relu5_3 of a 32x32 image): XLA's CPU convolution
-    takes a slow path there (jax 0.10, 2-core x86: a 3x3 512->512 conv on (4, 2, 2, 512)
-    ran ~97 ms, 20x its time on (4, 4, 4, 512); LPIPS on 4 x 32x32 images 0.86 s -> 0.22 s),
-    and such maps are too small for the copies to cost anything on any backend.
+    Used for maps with a side of 1 or 2 (relu5_3 of a 32x32 image), where XLA's CPU
+    convolution takes a slow path (figures in docs/performance.md), and which are too small
+    for the copies to cost anything on any backend.
     """
     k = kernel.shape[0]
     b, h, w, c = x.shape
