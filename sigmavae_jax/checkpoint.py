@@ -33,12 +33,12 @@ from jax.experimental import multihost_utils
 
 from sigmavae_jax import storage
 from sigmavae_jax.config import CheckpointConfig, Config, from_dict, to_dict
+from sigmavae_jax.messages import listing
 
 PARAMS_DIR, CONFIG_FILE, EXPORT_FILE = "params", "config.yaml", "export.json"
 FORMAT = "sigmavae_jax.params/1"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
-_MAX_LISTED = 10  # entries per category in a mismatch error
 
 PyTree = Any
 
@@ -355,26 +355,16 @@ def _tree_differences(stored: dict[tuple, Any], wanted: dict[tuple, Any]) -> str
     def shape_dtype(leaf):
         return tuple(leaf.shape), np.dtype(leaf.dtype)
 
-    def show(paths):
-        names = ["/".join(path) for path in sorted(paths)]
-        more = f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
-        return ", ".join(names[:_MAX_LISTED]) + more
+    def name(path):
+        return "/".join(path)
 
-    missing = wanted.keys() - stored.keys()
-    unexpected = stored.keys() - wanted.keys()
+    lines = listing("expected but not in the checkpoint", sorted(map(name, wanted.keys() - stored.keys())))
+    lines += listing("in the checkpoint but not expected", sorted(map(name, stored.keys() - wanted.keys())))
     misshaped = sorted(p for p in wanted.keys() & stored.keys() if shape_dtype(stored[p]) != shape_dtype(wanted[p]))
-    lines = []
-    if missing:
-        lines.append(f"  {len(missing)} expected but not in the checkpoint: {show(missing)}")
-    if unexpected:
-        lines.append(f"  {len(unexpected)} in the checkpoint but not expected: {show(unexpected)}")
-    if misshaped:
-        described = [
-            "{} stored {} {}, expected {} {}".format("/".join(p), *shape_dtype(stored[p]), *shape_dtype(wanted[p]))
-            for p in misshaped[:_MAX_LISTED]
-        ]
-        more = f", ... ({len(misshaped) - _MAX_LISTED} more)" if len(misshaped) > _MAX_LISTED else ""
-        lines.append(f"  {len(misshaped)} with another shape or dtype: {'; '.join(described)}{more}")
+    lines += listing(
+        "with another shape or dtype",
+        ["{} stored {} {}, expected {} {}".format(name(p), *shape_dtype(stored[p]), *shape_dtype(wanted[p])) for p in misshaped],
+    )
     return "\n".join(lines)
 
 
