@@ -76,9 +76,17 @@ def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
     """jax.distributed.initialize: explicit (coordinator, count, id) or auto-detected (TPU
     pods, SLURM, ...). CPU collectives across processes go through gloo (this setting only
-    concerns the CPU backend, so it is harmless on GPU and TPU hosts)."""
+    concerns the CPU backend, so it is harmless on GPU and TPU hosts). Returns once every
+    process has joined and one collective has run across all of them."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        # Gloo connects the processes on their first collective and gives up after 30 s; run
+        # it now, while they are in step (initialize returns when all have joined), rather
+        # than after setup work (compiles, data) that one of them may finish much later.
+        multihost_utils.sync_global_devices("sigmavae_jax: processes joined")
 
 
 def gather_json(obj: Any) -> list[Any]:

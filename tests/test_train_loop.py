@@ -1,22 +1,26 @@
 """train.py end to end, in subprocesses: exact resume after kill -9, SIGTERM, bad inputs,
-and a 2-process (jax.distributed over localhost, CPU collectives) run that saves and resumes."""
+and 2-process runs (jax.distributed over localhost, CPU collectives): save and resume, SIGTERM
+to one process (JAX's preemption sync point), and no host collective on ordinary steps."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import sigmavae_jax
+from sigmavae_jax import storage
 from sigmavae_jax.checkpoint import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -44,6 +48,11 @@ def environment(devices: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["PYTHONUNBUFFERED"] = "1"
+    # The runs here compile the same few programs again and again: the session's persistent
+    # compilation cache (tests/conftest.py) turns the repeats into cache hits.
+    if jax.config.jax_compilation_cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     return env
 
 
@@ -154,27 +163,152 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_save_and_resume(tmp_path, photos):
-    workdir = tmp_path / "multi"
+# --- two processes: preemption through JAX's sync point, no host collective per step ------
 
-    def launch(steps):
-        port = free_port()
-        processes = [
-            subprocess.Popen(
-                command(workdir, photos, f"train.steps={steps}", "checkpoint.every=2")
-                + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+TWO_PROCESS_STEPS = 30  # the preempted run must stop well before the end, at any machine speed
+
+
+def start_two(argv_of, logs: pathlib.Path, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of a 2-process job, `argv_of(i, coordinator_address)`, with their
+    stdout/stderr in files under `logs` (Orbax's logging would fill a pipe nobody reads)."""
+    address = f"127.0.0.1:{free_port()}"
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for i in range(2):
+        with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+            processes.append(
+                subprocess.Popen(argv_of(i, address), env=env or environment(), stdout=out, stderr=err, text=True, cwd=REPO)
             )
-            for i in range(2)
-        ]
-        outputs = [p.communicate(timeout=600) for p in processes]
-        for process, (out, err) in zip(processes, outputs):
-            assert process.returncode == 0, err[-4000:]
-        return outputs
+    return processes
 
-    launch(2)
-    assert Checkpointer(workdir, None).latest_step() == 2
-    outputs = launch(4)
-    assert any("resumed from" in err for _, err in outputs)
-    assert logged_steps(workdir)[-1] == 4 and logged_steps(workdir).count(1) == 1  # only process 0 logs
-    assert exported_params(workdir) is not None
+
+def train_argv(workdir, photos, *extra):
+    """argv_of for `start_two`: train.py with the coordinator flags."""
+    return lambda i, address: command(workdir, photos, *extra) + [
+        "--coordinator", address, "--num-processes", "2", "--process-id", str(i),
+    ]
+
+
+def finish(processes, logs: pathlib.Path, timeout=600) -> list[tuple[str, str]]:
+    """Waits for every process (killing all of them after `timeout` s); asserts exit code 0;
+    returns each one's (stdout, stderr)."""
+    deadline, killed = time.time() + timeout, False
+    try:
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        killed = True
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    outputs = [((logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()) for i in range(len(processes))]
+    for i, (process, (_, err)) in enumerate(zip(processes, outputs)):
+        ended = f"was killed after {timeout} s" if killed else f"exited with {process.returncode}"
+        assert process.returncode == 0, f"process {i} {ended}: {err[-4000:]}"
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def counted_two_process_run(tmp_path_factory, photos):
+    """An uninterrupted 2-process run of TWO_PROCESS_STEPS steps (checkpoint, metrics and
+    images only at the end), each process counting its host collectives with
+    tests/collectives_driver.py: (workdir, the two processes' reports)."""
+    root = tmp_path_factory.mktemp("counted")
+    workdir = root / "run"
+    overrides = [
+        f"workdir={workdir}", f"data.path={photos}", *BASE, f"train.steps={TWO_PROCESS_STEPS}",
+        "checkpoint.every=1000", "log.every=1000",
+    ]
+    driver = str(REPO / "tests" / "collectives_driver.py")
+    processes = start_two(
+        lambda i, address: [sys.executable, driver, str(root / f"report_{i}.json"), address, "2", str(i), *overrides],
+        root / "logs",
+    )
+    finish(processes, root / "logs")
+    return workdir, [json.loads((root / f"report_{i}.json").read_text()) for i in range(2)]
+
+
+def test_two_processes_run_no_host_collective_on_ordinary_steps(counted_two_process_run):
+    _, reports = counted_two_process_run
+    last = TWO_PROCESS_STEPS
+    for report in reports:
+        assert (report["step"], report["reason"]) == (last, "done")
+        # Orbax's CheckpointManager.save asks the sync point too, so a checkpoint's step may
+        # appear more than once; on the other steps only the loop asks, once, at the step's end.
+        steps = [step for step, _ in report["marks"]]
+        assert steps == sorted(steps) and set(range(1, last + 1)) <= set(steps), (
+            f"the preemption sync point was not asked at every step, in order: {steps}"
+        )
+        count = dict(report["marks"])  # step -> host collectives so far, at the end of that step
+        ordinary = [count[step] for step in range(1, last)]
+        assert ordinary == [count[1]] * (last - 1), (
+            f"process {report['process']}: host collectives ran on ordinary steps 2..{last - 1} "
+            f"(running count per step {ordinary}; calls {report['calls']})"
+        )
+        # the final checkpoint (a gather of the data states, Orbax's barriers) is seen by the counter
+        assert count[last] > count[last - 1], report
+
+
+def committed_steps(gcs, bucket: str, checkpoints: str) -> list[int]:
+    """The steps under gs://bucket/checkpoints/ that Orbax has finished: on Cloud Storage
+    (no renames) the ones holding its commit file, `<step>/commit_success.txt`."""
+    depth = checkpoints.count("/") + 2
+    return sorted(
+        int(name.split("/")[-2]) for name in gcs.objects(bucket, checkpoints + "/")
+        if name.endswith("/commit_success.txt") and name.count("/") == depth
+    )
+
+
+def progress_steps(stderr_file: pathlib.Path, total: int) -> int:
+    """The last step process 0's progress bar shows in its stderr (0 before the first)."""
+    shown = re.findall(rf"(\d+)/{total} \[", stderr_file.read_text(errors="replace"))
+    return int(shown[-1]) if shown else 0
+
+
+def test_sigterm_to_one_of_two_processes_on_gs_saves_the_same_step_and_resumes_exactly(
+    gcs, tmp_path, photos, counted_two_process_run
+):
+    """The pod setup: the workdir in a bucket both processes reach (here the local Cloud
+    Storage emulator); SIGTERM to one process; then the same command again."""
+    bucket, last = gcs.new_bucket(), TWO_PROCESS_STEPS
+    workdir, env = f"gs://{bucket}/run", {**environment(), **gcs.environment()}
+    argv = train_argv(workdir, photos, f"train.steps={last}", "checkpoint.every=1000")
+    logs = tmp_path / "preempted"
+    processes = start_two(argv, logs, env)
+    deadline = time.time() + 300
+    while progress_steps(logs / "0.err", last) < 2 and time.time() < deadline and all(p.poll() is None for p in processes):
+        time.sleep(0.05)  # until both have compiled and are training
+    # Process 1 writes no metrics and holds no flag anyone reads: only JAX's preemption
+    # service can tell process 0.
+    if processes[1].poll() is None:
+        processes[1].send_signal(signal.SIGTERM)
+    outputs = finish(processes, logs, timeout=300)
+    stopped = []
+    for out, _ in outputs:
+        assert "preempted at step" in out, f"not preempted before step {last}: {out[-2000:]}"
+        stopped.append(int(out.split("preempted at step ")[1].split(";")[0]))
+    assert stopped[0] == stopped[1], stopped
+    stop = stopped[0]
+    assert 2 <= stop < last  # the service stops after the furthest step any process had reached
+    # one checkpoint, written by both processes into the bucket, finished with Orbax's commit file
+    assert committed_steps(gcs, bucket, "run/checkpoints") == [stop]
+    names = gcs.objects(bucket, "run/checkpoints/")
+    assert {name.split("/")[2] for name in names} == {str(stop)}, sorted(names)
+    assert not any(".orbax-checkpoint-tmp" in name for name in names), sorted(names)
+
+    outputs = finish(start_two(argv, tmp_path / "resumed", env), tmp_path / "resumed")
+    for out, err in outputs:
+        assert f"resumed from {workdir}/checkpoints at step {stop}" in err
+        assert f"done at step {last}; workdir {workdir}" in out
+    # each step logged once across the preemption (the log reaches the bucket when a run closes it)
+    logged = [json.loads(line)["step"] for line in storage.path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, last + 1))
+    assert not (REPO / "gs:").exists()  # what pathlib made of gs:// URLs before
+
+    reference = counted_two_process_run[0]
+    for ema, suffix in ((False, ""), (True, "_ema")):
+        resumed = sigmavae_jax.load(f"{workdir}/export/step_{last:08d}{suffix}").params
+        for a, b in zip(jax_leaves(exported_params(reference, ema)), jax_leaves(resumed), strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -26,14 +26,17 @@ examples:
   python train.py --config configs/nextstep1_f8c16.yaml --init stepfun-ai/NextStep-1-f8ch16-Tokenizer \\
       data.source=tfds data.name=imagenet2012 data.dir=/data/tfds workdir=runs/ns1
 
-  # a TPU VM pod slice: the same command on every host, plus --multihost
-  python train.py --config configs/sd.yaml --multihost data.source=tfds data.dir=gs://... workdir=gs://...
+  # a TPU VM pod slice: the same command on every host, plus --multihost; the workdir in a
+  # bucket every host reaches, the tfds data on a gcsfuse mount or a persistent disk
+  python train.py --config configs/sd.yaml --multihost data.source=tfds data.name=imagenet2012 \\
+      data.dir=/mnt/tfds workdir=gs://BUCKET/runs/sd
 
   # before renting a slice: compile the exact step for it here and see HBM, FLOPs, images/s
   python train.py --config configs/nextstep1_f8c16.yaml --dry-run --topology v5litepod-16 \\
       train.compute_dtype=bfloat16 train.batch_size=128 --find-batch
 
-Run the same command again to resume from the latest checkpoint in workdir.
+Run the same command again to resume from the latest checkpoint in workdir (local or gs://).
+On SIGTERM (a preemption notice) every process saves the same step and exits 0.
 
 config keys (override any as key=value):
 """
@@ -73,19 +76,19 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run or args.topology or args.find_batch:
         return compile_only(args, cfg)
-    from sigmavae_jax import parallel
+    from sigmavae_jax import parallel, storage
     from sigmavae_jax.train.loop import TrainingDiverged, train
 
     if args.multihost or args.coordinator:
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
         init = args.init
-        if init:
+        if init:  # a Hub name becomes its cached conversion; local and gs:// paths stay as they are
             from sigmavae_jax import hub
 
             init = str(hub.resolve(init))
         result = train(cfg, init=init)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, storage.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

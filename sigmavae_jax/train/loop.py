@@ -1,13 +1,18 @@
 """The training loop: data -> step -> metrics / images -> checkpoint, with exact resume,
-preemption (SIGTERM) handling and a NaN guard. `train(cfg)` is what train.py calls.
+preemption handling and a NaN guard. `train(cfg)` is what train.py calls.
+
+The workdir may be local or `gs://bucket/run` (every file goes through `storage`). On ordinary
+steps the loop runs no host collective and never waits for the step it has just dispatched:
+it reads the previous step's scalars one step late, and everything that needs the host
+(metrics, images, checkpoints, preemption saves) happens only on the steps that do it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import pathlib
 import signal
 import time
 from typing import Any
@@ -18,8 +23,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from sigmavae_jax import data, parallel, viz
-from sigmavae_jax.api import check_params
+from sigmavae_jax import data, parallel, storage, viz
+from sigmavae_jax.models.params import check_params
 from sigmavae_jax.checkpoint import Checkpointer, export_params, load_params, with_shardings
 from sigmavae_jax.config import Config, ConfigError, to_dict
 from sigmavae_jax.train.program import build_program
@@ -37,50 +42,83 @@ class TrainingDiverged(RuntimeError):
 class RunResult:
     step: int
     reason: str  # "done" | "preempted"
-    workdir: pathlib.Path
-    export: pathlib.Path | None  # params export of the final state (raw params)
+    workdir: storage.Path
+    export: storage.Path | None  # params export of the final state (raw params)
     skipped_steps: int
 
 
-class PreemptionFlag:
-    """Set by SIGTERM (what TPU VMs and schedulers send before taking a machine away)."""
+class Preemption:
+    """Says, once per step, whether to save and stop because the machines are being taken away
+    (TPU VMs and schedulers send SIGTERM first).
 
-    def __init__(self):
+    One process: a Python SIGTERM handler, installed here and removed by `close()`, sets a flag
+    that `reached(step)` reads.
+
+    Several processes: all must save the same step, so `reached(step)` asks JAX's preemption
+    sync service (`multihost_utils.reached_preemption_sync_point`), which jax.distributed starts
+    by default. The service catches SIGTERM itself (a C++ handler), tells the other processes,
+    agrees in the background on the step after the furthest process's latest one, and answers
+    True on every process at that same step. Until a notice arrives the call is a local check
+    (after one, it waits once while the processes agree), so ordinary steps run no host
+    collective. No Python handler is installed in this case: it would replace the service's
+    (jax.distributed.initialize installs it) and the notice would never be sent.
+    """
+
+    def __init__(self, first_step: int):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._shared = jax.process_count() > 1
+        self._previous = None
+        if self._shared:
+            # Tell the service where this run starts: before the first call it takes every
+            # process to be at step 0, and a resumed run would never meet a sync step of 1.
+            try:
+                multihost_utils.reached_preemption_sync_point(first_step)
+            except RuntimeError as error:
+                raise ConfigError(
+                    f"{jax.process_count()} processes need JAX's preemption sync service to save together "
+                    f"on SIGTERM, and it is not running ({error}); leave jax_enable_preemption_service on "
+                    "(the default) when calling jax.distributed.initialize"
+                ) from None
+        else:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+    def reached(self, step: int) -> bool:
+        """True at the step where this run must save and stop (the same step on every process).
+        With several processes it must be called at every step, with increasing steps."""
+        if self._shared:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
 
-    def any_process(self) -> bool:
-        """True if any process was asked to stop (all processes must stop at the same step)."""
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 class MetricsWriter:
-    """Process 0 writes TensorBoard events and `metrics.jsonl`; other processes write nothing."""
+    """Process 0 writes TensorBoard events and `metrics.jsonl`; other processes write nothing.
+    In a `gs://` workdir both go to the bucket: tensorboardX uploads its event file itself
+    (google-cloud-storage), and `metrics.jsonl` is uploaded whole at most every 30 s and on
+    `close()` (`storage.AppendLog`; Cloud Storage objects cannot be appended to)."""
 
-    def __init__(self, workdir: pathlib.Path, active: bool):
+    def __init__(self, workdir: storage.Path, active: bool):
         self.active = active
         self.tb = None
         if active:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
-            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.jsonl = storage.AppendLog(workdir / "metrics.jsonl")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.active:
             return
         for name, value in values.items():
             self.tb.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write_line(json.dumps({"step": step, **values}))
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         if self.active:
@@ -129,7 +167,7 @@ def _make_reconstruct(modules: Modules):
     return reconstruct
 
 
-def _save_preview(step, state: TrainState, preview, reconstruct, workdir: pathlib.Path, writer: MetricsWriter):
+def _save_preview(step, state: TrainState, preview, reconstruct, workdir: storage.Path, writer: MetricsWriter):
     rows = [preview, np.asarray(reconstruct(state.params["vae"], preview))]
     if state.ema is not None:
         rows.append(np.asarray(reconstruct(state.ema, preview)))
@@ -140,11 +178,14 @@ def _save_preview(step, state: TrainState, preview, reconstruct, workdir: pathli
 
 
 def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -> RunResult:
-    """Trains (or resumes training in cfg.workdir) until cfg.train.steps or SIGTERM."""
+    """Trains (or resumes training in cfg.workdir, local or `gs://`) until cfg.train.steps, or
+    until a preemption notice (SIGTERM), after which every process has saved the same step.
+    Raises ConfigError for unusable settings and storage.StorageError for a workdir whose
+    bucket is missing or does not answer."""
     if cfg.data is None:
         raise ConfigError("training needs data: data.source=folder data.path=DIR, or data.source=tfds data.name=NAME")
-    workdir = pathlib.Path(cfg.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.reachable(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)  # a no-op on Cloud Storage, which has no folders
     main_process = jax.process_index() == 0
     mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
     program = build_program(cfg, mesh)
@@ -152,46 +193,60 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
     vae_params = _init_params(init, cfg) if init else None
     state, shardings = create_state(cfg, modules, mesh, jax.random.key(cfg.seed), vae_params)
 
-    checkpointer = Checkpointer(workdir, cfg.checkpoint)
-    iterator = data.train_iterator(cfg, seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    if checkpointer.latest_step() is not None:
-        restored_step, state, data_state, _ = checkpointer.restore(with_shardings(state, shardings))
-        iterator.set_state(data_state["processes"][jax.process_index()])
-        log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
-    if main_process:
-        (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    with contextlib.ExitStack() as cleanup:  # closed in reverse order, on errors too
+        checkpointer = Checkpointer(workdir, cfg.checkpoint)
+        cleanup.callback(checkpointer.close)
+        iterator = data.train_iterator(
+            cfg, seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        cleanup.callback(iterator.close)
+        latest = checkpointer.latest_step()
+        # Listening before the restore and the compile (minutes on a pod): a notice that comes
+        # meanwhile is acted on at the first step instead of being lost.
+        preemption = Preemption(latest or 0)
+        cleanup.callback(preemption.close)
+        if latest is not None:
+            restored_step, state, data_state, _ = checkpointer.restore(with_shardings(state, shardings))
+            iterator.set_state(data_state["processes"][jax.process_index()])
+            log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
+        if main_process:
+            (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
-    step_fn = program.step
-    batch = parallel.global_batch(next(iterator), mesh)
-    start = time.perf_counter()
-    step_fn = step_fn.lower(state, batch, lpips_vars).compile()
-    memory = step_fn.memory_analysis()
-    log.info(
-        "compiled the train step in %.1f s%s", time.perf_counter() - start,
-        f" (temp {memory.temp_size_in_bytes / 2**20:.0f} MiB)" if memory is not None else "",
-    )
-    preview = _preview_batch(cfg)
-    reconstruct = _make_reconstruct(modules)
-    writer = MetricsWriter(workdir, main_process)
-    schedule = learning_rate_schedule(cfg.optim, cfg.optim.lr, cfg.train.steps)
-    preemption = PreemptionFlag()
+        step_fn = program.step
+        batch = parallel.global_batch(next(iterator), mesh)
+        start = time.perf_counter()
+        step_fn = step_fn.lower(state, batch, lpips_vars).compile()
+        memory = step_fn.memory_analysis()
+        log.info(
+            "compiled the train step in %.1f s%s", time.perf_counter() - start,
+            f" (temp {memory.temp_size_in_bytes / 2**20:.0f} MiB)" if memory is not None else "",
+        )
+        preview = _preview_batch(cfg)
+        reconstruct = _make_reconstruct(modules)
+        writer = MetricsWriter(workdir, main_process)
+        cleanup.callback(writer.close)
+        schedule = learning_rate_schedule(cfg.optim, cfg.optim.lr, cfg.train.steps)
 
-    step = int(state.step)
-    first_step, total = step, cfg.train.steps
-    progress = tqdm(total=total, initial=step, unit="step", disable=not (main_process and show_progress), dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0
-    nonfinite_run, skipped_steps, reason = 0, 0, "done"
-    pending = None  # the previous step's metrics, read one step late so the host never waits
-    try:
+        step = int(state.step)
+        first_step, total = step, cfg.train.steps
+        progress = tqdm(total=total, initial=step, unit="step", disable=not (main_process and show_progress),
+                        dynamic_ncols=True)
+        cleanup.callback(progress.close)
+        window_start, window_steps = time.perf_counter(), 0
+        nonfinite_run, skipped_steps, reason = 0, 0, "done"
+        pending = None  # the previous step's metrics, read one step late so the host never waits
         if step == first_step and step == 0:
             _save_preview(step, state, preview, reconstruct, workdir, writer)
+        # Every line of this loop either dispatches work, reads the previous step (`pending`),
+        # or runs only on a logging, image, checkpoint or preemption step.
         while step < total:
             state, metrics = step_fn(state, batch, lpips_vars)
             step += 1
             window_steps += 1
-            if pending is not None:
-                nonfinite_run = nonfinite_run + 1 if int(pending["skipped"]) else 0
-                skipped_steps += int(pending["skipped"])
+            if pending is not None:  # the previous step: done or nearly, while this one runs
+                skipped = int(pending["skipped"])
+                nonfinite_run = nonfinite_run + 1 if skipped else 0
+                skipped_steps += skipped
                 if nonfinite_run >= cfg.train.max_nonfinite_steps:
                     raise TrainingDiverged(
                         f"{nonfinite_run} steps in a row had a non-finite loss or gradient (step {step - 1}); "
@@ -216,10 +271,12 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
             if step % cfg.checkpoint.every == 0 or step == total:
                 checkpointer.save(step, state, _data_state(iterator), cfg)
             progress.update(1)
-            if preemption.any_process() and step < total:
+            # asked at every step, the last too: the sync service needs each process's step
+            if preemption.reached(step) and step < total:
                 checkpointer.save(step, state, _data_state(iterator), cfg, force=True)
                 reason = "preempted"
-                log.warning("SIGTERM: saved a checkpoint at step %d in %s; exiting", step, checkpointer.directory)
+                log.warning("preemption notice (SIGTERM): saved a checkpoint at step %d in %s; exiting",
+                            step, checkpointer.directory)
                 break
             if step < total:
                 batch = parallel.global_batch(next(iterator), mesh)
@@ -232,9 +289,3 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
                 if state.ema is not None:
                     export_params(export.with_name(export.name + "_ema"), state, cfg, ema=True)
         return RunResult(step=step, reason=reason, workdir=workdir, export=export, skipped_steps=skipped_steps)
-    finally:
-        preemption.restore()
-        progress.close()
-        writer.close()
-        checkpointer.close()
-        iterator.close()
