@@ -16,12 +16,15 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 	# torch-fidelity's Inception module is the independent torch reference of tests/test_inception.py;
 	# --no-deps for the same reason (its package __init__ is never run).
 	$(BIN)/pip install --quiet --no-deps torch-fidelity==0.4.0
+	# the CUDA compiler plugin for the GPU dry-run tests, kept out of site-packages (every JAX
+	# process that has it prints two lines on stderr); tests/test_gpu_dry_run.py puts it on PYTHONPATH
+	$(BIN)/pip install --quiet --upgrade --no-deps --target $(VENV)/gpu-plugin jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
 	touch $@
 
 setup: $(VENV)/.installed
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: setup
 	$(BIN)/python -m sigmavae_jax.demo $(ARGS)
@@ -31,6 +34,7 @@ bench: setup
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/op_profile.py --layers
 	$(BIN)/python bench/tpu_dry_run.py
+	$(BIN)/python bench/gpu_dry_run.py
 
 clean:
 	rm -rf $(VENV)

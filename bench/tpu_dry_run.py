@@ -132,6 +132,7 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
                                               f"train.batch_size={per_chip * tpu_slice.chips}", *overrides])
         return dry_run.train_step_report(cfg, tpu_slice).figures()
     mesh = parallel.make_mesh(devices=topology.slice_devices(tpu_slice))
+    flops = None  # a GPU's compiler counts none: the same program lowered for one CPU device does
     if kind == "vae":
         import jax.numpy as jnp
         from flax import nnx
@@ -142,9 +143,11 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
         model = nnx.eval_shape(lambda: AutoencoderKL(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
                                                      remat=cfg.train.remat, kernels=select("auto", mesh.devices.flat)))
         jitted, args = _vae_program(model, mesh, per_chip)
+        flops = lambda: dry_run.lowered_flops(*_vae_program(model, dry_run.one_cpu_mesh(), per_chip))  # noqa: E731
     else:
         jitted, args = _peer_program(mesh, per_chip)
-    return dry_run.report_of(name, tpu_slice, jitted, args, {"parameters": args[0], "images": args[1]}, per_chip).figures()
+    parts = {"parameters": args[0], "images": args[1]}
+    return dry_run.report_of(name, tpu_slice, jitted, args, parts, per_chip, flops=flops).figures()
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,10 +161,12 @@ def ensure_peer() -> None:
                        check=True)
 
 
-def run_one(name: str, topology_name: str, per_chip: int) -> dict:
+def run_one(name: str, topology_name: str, per_chip: int, extra_path: tuple[str, ...] = ()) -> dict:
+    """One compile in a process of its own; extra_path: folders put on its PYTHONPATH."""
     env = dict(os.environ)
-    if MEASUREMENTS[name][0] == "peer":
-        env["PYTHONPATH"] = os.pathsep.join([str(PEER_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    paths = [*extra_path, *([str(PEER_DIR)] if MEASUREMENTS[name][0] == "peer" else [])]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--one", name, topology_name, str(per_chip)], env=env,
                           capture_output=True, text=True)

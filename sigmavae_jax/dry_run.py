@@ -1,6 +1,11 @@
-"""Compile a program for a TPU slice on this host, without the slice, weights or data, and say
-what each chip would hold and do: HBM by part against the chip's capacity, FLOPs and HBM bytes
-per image from the compiled program's own cost analysis, and the roofline-bound images/s.
+"""Compile a program for a TPU slice or GPUs on this host, without the devices, weights or data,
+and say what each device would hold and do: HBM by part against the device's capacity, FLOPs
+and HBM bytes per image, and the roofline-bound images/s.
+
+For a TPU, FLOPs and bytes are the compiled program's own cost analysis. The GPU compiler gives
+no cost analysis: FLOPs then come from XLA's analysis of the same program lowered (not
+compiled) for one CPU device at the same per-device batch with the GPU's kernels, and there is
+no bytes figure, so a GPU's roofline is its compute roofline alone.
 
 `train_step_report` compiles the training step exactly as `train.py` builds it (same mesh
 rules, shardings, kernels, LPIPS, discriminator, EMA, remat and dtype); `codec_reports`
@@ -18,8 +23,8 @@ import jax
 import numpy as np
 
 from sigmavae_jax import api, parallel, topology
-from sigmavae_jax.config import Config, ModelConfig
-from sigmavae_jax.kernels import select
+from sigmavae_jax.config import Config, ModelConfig, with_overrides
+from sigmavae_jax.kernels import Kernels, select
 from sigmavae_jax.topology import GiB, Slice
 from sigmavae_jax.train.program import build_program
 
@@ -83,24 +88,57 @@ def compile_for_slice(jitted, args: tuple) -> tuple[Any, float]:
 
 
 def cost_of(compiled) -> dict[str, float]:
-    """The compiled program's cost analysis (per device): {"flops", "bytes accessed", ...}."""
+    """The compiled program's cost analysis (per device): {"flops", "bytes accessed", ...};
+    empty when the compiler gives none (XLA:GPU)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0]
+        cost = cost[0] if cost else None
     return dict(cost or {})
+
+
+# Where a report's FLOPs come from, as its text and JSON say.
+COMPILED = "the compiled program's cost analysis"
+LOWERED_ON_CPU = ("XLA's count of the same program lowered for one CPU device, with the same kernels and batch "
+                  "per device; the GPU compiler counts none")
+
+
+def one_cpu_mesh():
+    """A (data, fsdp) mesh of this host's first CPU device."""
+    return parallel.make_mesh(1, 1, devices=jax.devices("cpu")[:1])
+
+
+def lowered_flops(jitted, args: tuple) -> float:
+    """FLOPs of `jitted` at `args` from XLA's analysis of the lowered, unoptimised program (no
+    compile). Its byte count is not HBM traffic (nothing is fused yet), so only FLOPs are read."""
+    cost = jitted.lower(*args).cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float((cost or {}).get("flops", 0.0))
+
+
+def step_flops_on_one_cpu(cfg: Config, per_device: int, kernels: Kernels) -> float:
+    """FLOPs of one device's training step of `cfg` at `per_device` images, with `kernels`:
+    the step built for one CPU device (mesh 1 x 1) and lowered, not compiled. Replicated
+    parameters, so the optimizer and EMA updates count whole, as on each data-parallel device."""
+    one = with_overrides(cfg, [f"train.batch_size={per_device}", "train.mesh_data=1", "train.mesh_fsdp=1",
+                               f"train.kernels={kernels.name}"])
+    program = build_program(one, one_cpu_mesh(), abstract=True)
+    return lowered_flops(program.step, program.abstract_arguments())
 
 
 @dataclasses.dataclass
 class Report:
-    """What one chip of the slice holds and does for one compiled program (bytes are per chip).
+    """What one device (TPU chip or GPU) holds and does for one compiled program (bytes are per
+    device).
 
     arguments: the program's inputs by part (parameters, optimizer state, ...), their logical
-    sizes. allocated_arguments (the inputs as the chip lays them out, small arrays padded to
+    sizes. allocated_arguments (the inputs as the device lays them out, small arrays padded to
     whole tiles), temporaries, outputs, aliased (outputs written in place of donated inputs)
     and code come from the compiled program's memory analysis and are None when the compiler
     refused the program; total is then the compiler's own figure, or the arguments and the
-    temporaries it names. FLOPs and bytes per image are the compiled
-    program's cost analysis over the images each chip computes.
+    temporaries it names. fits: total within the slice's `capacity`. FLOPs and bytes per image
+    are the program's cost over the images each device computes, from `flops_source`; bytes are
+    None where no analysis gives them (GPU), FLOPs None when not asked for (flops=False on GPU).
     """
 
     program: str
@@ -118,34 +156,46 @@ class Report:
     bytes_per_image: float | None = None
     compile_s: float = 0.0
     refusal: str | None = None
+    flops_source: str = COMPILED
+    kernels: str | None = None  # the name of the Kernels the program was built with
 
     @property
     def hbm(self) -> int:
-        return self.tpu_slice.chip.hbm_bytes
+        """What the program may use on one device (`Slice.capacity`)."""
+        return self.tpu_slice.capacity
 
     @property
     def roofline_images_per_s(self) -> float | None:
-        """The lesser of peak bf16 FLOP/s / FLOPs per image and HBM bandwidth / bytes per image."""
-        if not self.flops_per_image or not self.bytes_per_image:
+        """The lesser of peak bf16 FLOP/s / FLOPs per image and HBM bandwidth / bytes per image;
+        without a bytes figure (GPU), the compute term alone: an upper bound."""
+        if not self.flops_per_image:
             return None
         chip = self.tpu_slice.chip
-        return min(chip.bf16_flops / self.flops_per_image, chip.hbm_bandwidth / self.bytes_per_image)
+        compute = chip.bf16_flops / self.flops_per_image
+        if not self.bytes_per_image:
+            return compute
+        return min(compute, chip.hbm_bandwidth / self.bytes_per_image)
 
     @property
     def bound(self) -> str | None:
-        if not self.flops_per_image or not self.bytes_per_image:
+        """"compute" or "memory"; "compute only" when there is no bytes figure to compare."""
+        if not self.flops_per_image:
             return None
+        if not self.bytes_per_image:
+            return "compute only"
         chip = self.tpu_slice.chip
         return "compute" if chip.bf16_flops / self.flops_per_image <= chip.hbm_bandwidth / self.bytes_per_image else "memory"
 
     def lines(self) -> list[str]:
         """The report as text, one figure a line."""
         s, chip = self.tpu_slice, self.tpu_slice.chip
+        unit = chip.unit
         gib = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        hosts = f"{s.hosts} {'node' if chip.platform == 'gpu' else 'host'}{'s' * (s.hosts > 1)}"
         lines = [
-            f"{self.program} on {s.topology} ({s.name}: {s.chips} x {chip.name}, {s.hosts} host{'s' * (s.hosts > 1)}), "
-            f"{self.batch_per_chip} images per chip, compiled in {self.compile_s:.1f} s",
-            "HBM per chip:",
+            f"{self.program} on {s.topology} ({s.name}: {s.chips} x {chip.name}, {hosts}), "
+            f"{self.batch_per_chip} images per {unit}, compiled in {self.compile_s:.1f} s",
+            f"HBM per {unit}:",
         ]
         lines += [f"  {'argument ' + name:<28} {gib(size)}" for name, size in self.arguments.items()]
         for name, size in (("arguments as laid out", self.allocated_arguments), ("temporaries", self.temporaries),
@@ -154,38 +204,53 @@ class Report:
                 lines.append(f"  {name:<28} {'-' if name.startswith('outputs in') else ''}{gib(size)}")
         verdict = "fits" if self.fits else "does not fit"
         lines.append(f"  {'total':<28} {gib(self.total)} of {gib(self.hbm)} ({100 * self.total / self.hbm:.0f}%): {verdict}")
+        if chip.platform == "gpu":
+            lines.append(f"  ({gib(self.hbm)}: the {topology.gpu_memory_fraction():.0%} of the GPU's {gib(chip.hbm_bytes)} "
+                         "that JAX's allocator takes; XLA_CLIENT_MEM_FRACTION, set for the run and this dry run, changes it)")
         if self.refusal:
             lines.append(f"  the compiler: {self.refusal}")
         if self.flops_per_image:
             rate = self.roofline_images_per_s
             flops = (f"{self.flops_per_image / 1e12:.3f} TFLOP" if self.flops_per_image >= 1e11
                      else f"{self.flops_per_image / 1e9:.2f} GFLOP")
-            lines.append(f"per image: {flops}, {self.bytes_per_image / 1e9:.3f} GB of HBM traffic")
-            lines.append(
-                f"roofline: {rate:.1f} images/s per chip ({self.bound}-bound; {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
-                f"{chip.hbm_bandwidth / 1e9:.0f} GB/s)"
-            )
+            peaks = f"{chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s"
+            if self.bytes_per_image:
+                lines.append(f"per image: {flops}, {self.bytes_per_image / 1e9:.3f} GB of HBM traffic")
+                lines.append(f"roofline: {rate:.1f} images/s per {unit} ({self.bound}-bound; {peaks})")
+            else:
+                lines.append(f"per image: {flops} ({self.flops_source}); HBM traffic: no figure")
+                lines.append(f"roofline: {rate:.1f} images/s per {unit} at the compute peak alone ({peaks}): an upper "
+                             "bound, since without a bytes figure the memory term is unknown")
         return lines
 
     def figures(self) -> dict[str, Any]:
-        """The report as a JSON-able dict."""
+        """The report as a JSON-able dict; the same keys for TPUs and GPUs ("chip" is one device),
+        and for GPUs also the device's memory and the fraction of it JAX takes."""
+        chip = self.tpu_slice.chip
+        gpu = {}
+        if chip.platform == "gpu":
+            gpu = {"device_memory": chip.hbm_bytes, "memory_fraction": topology.gpu_memory_fraction()}
         return {
             "program": self.program, "topology": self.tpu_slice.topology, "name": self.tpu_slice.name,
+            "platform": chip.platform, "device": chip.name, **gpu, "kernels": self.kernels,
             "chips": self.tpu_slice.chips, "hosts": self.tpu_slice.hosts, "batch_per_chip": self.batch_per_chip,
             "hbm_arguments": self.arguments, "hbm_arguments_allocated": self.allocated_arguments,
             "hbm_temporaries": self.temporaries, "hbm_outputs": self.outputs,
             "hbm_aliased": self.aliased, "hbm_code": self.code, "hbm_total": self.total, "hbm_capacity": self.hbm,
             "fits": self.fits, "flops_per_image": self.flops_per_image, "bytes_per_image": self.bytes_per_image,
+            "flops_source": self.flops_source if self.flops_per_image else None,
             "roofline_images_per_s_per_chip": self.roofline_images_per_s, "bound": self.bound,
             "compile_s": round(self.compile_s, 2),
         }
 
 
 def report_of(program: str, tpu_slice: Slice, jitted, args: tuple, parts: dict[str, Any], batch_per_chip: int,
-              keep: dict | None = None) -> Report:
+              keep: dict | None = None, flops: Callable[[], float] | None = None, kernels: str | None = None) -> Report:
     """Compiles `jitted` at `args` and reports it. parts: name -> the subtree of `args` it
     names, for the arguments' breakdown. keep: when given, gets the compiled program under
-    "compiled" (for callers that read it further)."""
+    "compiled" (for callers that read it further). flops: one device's FLOPs from elsewhere
+    (`step_flops_on_one_cpu`), called when the compiled program gives no cost analysis.
+    kernels: the name of the kernels the program was built with, for the report."""
     arguments = {name: per_device_bytes(tree) for name, tree in parts.items()}
     start = time.perf_counter()
     try:
@@ -193,19 +258,38 @@ def report_of(program: str, tpu_slice: Slice, jitted, args: tuple, parts: dict[s
     except DoesNotFit as refused:
         total = refused.used or sum(arguments.values()) + (refused.temporaries or 0)
         return Report(program, tpu_slice, batch_per_chip, arguments, total=total, fits=False,
-                      temporaries=refused.temporaries, compile_s=time.perf_counter() - start, refusal=str(refused))
+                      temporaries=refused.temporaries, compile_s=time.perf_counter() - start, refusal=str(refused),
+                      kernels=kernels)
     if keep is not None:
         keep["compiled"] = compiled
     memory = compiled.memory_analysis()
     cost = cost_of(compiled)
+    source = COMPILED
+    if "flops" not in cost and flops is not None:
+        cost, source = {"flops": flops()}, LOWERED_ON_CPU
+    bytes_accessed = cost.get("bytes accessed")
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
     return Report(
-        program, tpu_slice, batch_per_chip, arguments, total=total, fits=total <= tpu_slice.chip.hbm_bytes,
+        program, tpu_slice, batch_per_chip, arguments, total=total, fits=total <= tpu_slice.capacity,
         allocated_arguments=memory.argument_size_in_bytes, temporaries=memory.temp_size_in_bytes, outputs=memory.output_size_in_bytes, aliased=memory.alias_size_in_bytes,
-        code=memory.generated_code_size_in_bytes, flops_per_image=cost.get("flops", 0.0) / batch_per_chip,
-        bytes_per_image=cost.get("bytes accessed", 0.0) / batch_per_chip, compile_s=seconds,
+        code=memory.generated_code_size_in_bytes,
+        flops_per_image=cost["flops"] / batch_per_chip if "flops" in cost else None,
+        bytes_per_image=None if bytes_accessed is None else bytes_accessed / batch_per_chip, compile_s=seconds,
+        flops_source=source, kernels=kernels,
     )
+
+
+def fill_step_flops(report: Report, cfg: Config) -> Report:
+    """`report` (of the step of `cfg`, made with flops=False) with its FLOPs per image from
+    `step_flops_on_one_cpu` with the report's kernels, when the compiled program gave none.
+    Returns `report`."""
+    if report.flops_per_image is None:
+        devices = [] if report.kernels else topology.slice_devices(report.tpu_slice)
+        kernels = select(report.kernels or cfg.train.kernels, devices)
+        report.flops_per_image = step_flops_on_one_cpu(cfg, report.batch_per_chip, kernels) / report.batch_per_chip
+        report.flops_source = LOWERED_ON_CPU
+    return report
 
 
 def slice_mesh(cfg: Config, tpu_slice: Slice):
@@ -213,8 +297,10 @@ def slice_mesh(cfg: Config, tpu_slice: Slice):
     return parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp, devices=topology.slice_devices(tpu_slice))
 
 
-def train_step_report(cfg: Config, tpu_slice: Slice, keep: dict | None = None) -> Report:
+def train_step_report(cfg: Config, tpu_slice: Slice, keep: dict | None = None, *, flops: bool = True) -> Report:
     """The training step of `cfg` compiled for `tpu_slice` at cfg.train.batch_size (global).
+    flops=False: no FLOPs where the compiled program gives none (GPU) instead of lowering the
+    step once more for one CPU device: for a search that reads only memory.
 
     Raises ConfigError when the global batch does not split over the slice's chips, as a run does.
     """
@@ -233,7 +319,9 @@ def train_step_report(cfg: Config, tpu_slice: Slice, keep: dict | None = None) -
     if keep is not None:
         keep["program"], keep["arguments"] = program, (state, images, lpips)
     per_chip = cfg.train.batch_size // mesh.size
-    return report_of("train step", tpu_slice, program.step, (state, images, lpips), parts, per_chip, keep)
+    reference = (lambda: step_flops_on_one_cpu(cfg, per_chip, program.modules.kernels)) if flops else None
+    return report_of("train step", tpu_slice, program.step, (state, images, lpips), parts, per_chip, keep, reference,
+                     program.modules.kernels.name)
 
 
 def codec_reports(model_cfg: ModelConfig, tpu_slice: Slice, *, size: int, batch_size: int, dtype: str = "float32",
@@ -241,23 +329,44 @@ def codec_reports(model_cfg: ModelConfig, tpu_slice: Slice, *, size: int, batch_
     """Encode and decode, as a codec runs them, compiled for `tpu_slice` on a global batch of
     `batch_size` images of size x size split over its chips (parameters replicated)."""
     mesh = parallel.make_mesh(-1, 1, devices=topology.slice_devices(tpu_slice))
+    unit = tpu_slice.chip.unit
     if batch_size % mesh.size:
-        raise ValueError(f"--batch-size {batch_size} must be a multiple of the slice's {mesh.size} chips; "
+        raise ValueError(f"--batch-size {batch_size} must be a multiple of the {mesh.size} {unit}s; "
                          f"use {max(mesh.size, batch_size // mesh.size * mesh.size)}")
-    model = api.abstract_model(model_cfg, api.DTYPES[dtype], select("auto", mesh.devices.flat))
+    kernels = select("auto", mesh.devices.flat)
+    per_device = batch_size // mesh.size
+    programs = _codec_programs(model_cfg, mesh, kernels, size=size, batch_size=batch_size, dtype=dtype)
+    # the same programs for one CPU device, lowered only: FLOPs where the compiler gives none
+    on_cpu = dict.fromkeys(programs)
+    reports = []
+    for name, (jitted, args, parts) in programs.items():
+        def flops(name=name):
+            if on_cpu[name] is None:
+                on_cpu.update(_codec_programs(model_cfg, one_cpu_mesh(), kernels, size=size, batch_size=per_device,
+                                              dtype=dtype))
+            return lowered_flops(*on_cpu[name][:2])
+
+        reports.append(report_of(name, tpu_slice, jitted, args, parts, per_device,
+                                 None if keep is None else keep.setdefault(name, {}), flops, kernels.name))
+    return reports
+
+
+def _codec_programs(model_cfg: ModelConfig, mesh, kernels: Kernels, *, size: int, batch_size: int,
+                    dtype: str) -> dict[str, tuple[Any, tuple, dict[str, Any]]]:
+    """{"encode", "decode"} -> (jitted, abstract args, the args' parts) of the codec with
+    `kernels` on `mesh`: parameters replicated, a global batch of `batch_size` split."""
+    model = api.abstract_model(model_cfg, api.DTYPES[dtype], kernels)
     codec = api.codec_from_model(model, Config(model=model_cfg))
     replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), codec.params)
     f = model_cfg.downsample_factor
     images = jax.ShapeDtypeStruct((batch_size, size, size, model_cfg.in_channels), np.float32, sharding=split)
     latents = jax.ShapeDtypeStruct((batch_size, size // f, size // f, model_cfg.z_channels), np.float32, sharding=split)
-    reports = []
+    programs = {}
     for name, fn, x in (("encode", codec.encode_fn, images), ("decode", codec.decode_fn, latents)):
         jitted = jax.jit(codec.kernels.batch_map(fn), in_shardings=(replicated, split), out_shardings=split)
-        parts = {"parameters": params, "images" if name == "encode" else "latents": x}
-        reports.append(report_of(name, tpu_slice, jitted, (params, x), parts, batch_size // mesh.size,
-                                 None if keep is None else keep.setdefault(name, {})))
-    return reports
+        programs[name] = (jitted, (params, x), {"parameters": params, "images" if name == "encode" else "latents": x})
+    return programs
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 1 << 16) -> int:
@@ -291,13 +400,17 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 1 
 
 def advice(report: Report, cfg: Config) -> str:
     """What to change when the step does not fit, from the settings of `cfg`."""
-    hints = [f"lower train.batch_size (now {report.batch_per_chip} per chip; --find-batch finds the largest that fits)"]
+    unit = report.tpu_slice.chip.unit
+    hints = [f"lower train.batch_size (now {report.batch_per_chip} per {unit}; --find-batch finds the largest that fits)"]
     if not cfg.train.remat:
         hints.append("set train.remat=true (recompute block activations in the backward pass)")
     if cfg.train.compute_dtype != "bfloat16":
         hints.append("set train.compute_dtype=bfloat16")
     if cfg.train.mesh_fsdp == 1 and report.tpu_slice.chips > 1:
         hints.append(f"shard parameters and optimizer state with train.mesh_fsdp={min(report.tpu_slice.chips, 8)}")
+    if report.tpu_slice.chip.platform == "gpu" and topology.gpu_memory_fraction() < 0.9:
+        hints.append(f"let JAX take more of each GPU: XLA_CLIENT_MEM_FRACTION=0.9 in the run's environment (and this "
+                     f"one's; now {topology.gpu_memory_fraction():g})")
     return "; or ".join(hints)
 
 

@@ -1,14 +1,18 @@
-"""TPU slices by name: each chip's datasheet figures, and the devices of a slice to compile for.
+"""TPU slices and GPU nodes by name: each chip's datasheet figures, and the devices to compile for.
 
-A slice is named as JAX does (`v5e:4x4`, `v4:2x2x4`) or as Cloud accelerator types are
-(`v5litepod-16`, `v4-32`, `v5p-8`, `v6e-8`). `slice_devices` describes its chips through
-libtpu (`pip install -e '.[tpu]'`) on any host, TPU or not, without `jax.distributed`:
-a program compiled for them is the one the slice runs.
+A TPU slice is named as JAX does (`v5e:4x4`, `v4:2x2x4`) or as Cloud accelerator types are
+(`v5litepod-16`, `v4-32`, `v5p-8`, `v6e-8`); GPUs by model (`h100`, `h200`, `a100-80gb`,
+`b200`), one node of N as `8xh100` and M nodes of N as `2x8xh100`. `slice_devices` describes
+the devices on any host, without the hardware and without `jax.distributed`: TPU chips through
+libtpu (`pip install -e '.[tpu]'`), GPUs through the CUDA compiler plugin (`pip install -e
+'.[gpu]'`) and the device description in `sigmavae_jax/gpu_targets/`. A program compiled for
+them is the one the devices run. A GPU compile needs no GPU and no CUDA library installed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import os
 import re
@@ -18,30 +22,52 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU generation's datasheet figures, per chip (Cloud TPU system architecture pages).
+    """One accelerator's datasheet figures, per chip (a TPU chip or one GPU).
 
-    bf16_flops: peak bf16 FLOP/s. hbm_bytes: HBM capacity. hbm_bandwidth: HBM bytes/s.
-    cores: TensorCores per chip (Cloud's v4 and v5p names count cores, not chips).
-    megacore: whether JAX sees a chip's two cores as one device.
-    dims: 3 for the 3D-torus generations, 2 for the 2D ones.
+    bf16_flops: peak dense bf16 FLOP/s (no sparsity). hbm_bytes: HBM capacity (for a GPU, the
+    memory CUDA reports, which the device description in gpu_targets/ holds too).
+    hbm_bandwidth: HBM bytes/s. platform: "tpu" or "gpu".
+    TPU only: cores: TensorCores per chip (Cloud's v4 and v5p names count cores, not chips);
+    megacore: whether JAX sees a chip's two cores as one device; dims: 3 for the 3D-torus
+    generations, 2 for the 2D ones; cloud_prefix: the accelerator type's prefix
+    (v5litepod-16 -> "v5litepod").
     """
 
     name: str
     bf16_flops: float
     hbm_bytes: int
     hbm_bandwidth: float
-    cores: int
-    megacore: bool
-    dims: int
-    cloud_prefix: str  # the accelerator type's prefix: v5litepod-16 -> "v5litepod"
+    cores: int = 1
+    megacore: bool = False
+    dims: int = 2
+    cloud_prefix: str = ""
+    platform: str = "tpu"
+
+    @property
+    def unit(self) -> str:
+        """What one device is called in reports: "chip" or "GPU"."""
+        return "GPU" if self.platform == "gpu" else "chip"
 
 
+# TPUs: Cloud TPU system architecture pages. GPUs: NVIDIA's datasheets (SXM parts; B200 as in
+# HGX B200), dense bf16 tensor-core peaks, HBM bandwidth; capacity as CUDA reports it.
 CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", 275e12, 32 * GiB, 1228e9, cores=2, megacore=True, dims=3, cloud_prefix="v4"),
     "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, cores=1, megacore=False, dims=2, cloud_prefix="v5litepod"),
     "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, cores=2, megacore=True, dims=3, cloud_prefix="v5p"),
     "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9, cores=1, megacore=False, dims=2, cloud_prefix="v6e"),
+    "a100-80gb": Chip("NVIDIA A100 80GB", 312e12, 85_100_068_864, 2039e9, platform="gpu"),
+    "h100": Chip("NVIDIA H100 80GB", 989e12, 84_942_979_072, 3350e9, platform="gpu"),
+    "h200": Chip("NVIDIA H200 141GB", 989e12, 151_397_597_184, 4800e9, platform="gpu"),
+    "b200": Chip("NVIDIA B200", 2250e12, 191_514_411_008, 8000e9, platform="gpu"),
 }
+TPUS = {key: chip for key, chip in CHIPS.items() if chip.platform == "tpu"}
+GPUS = {key: chip for key, chip in CHIPS.items() if chip.platform == "gpu"}
+GPUS_PER_NODE = 8  # the most GPUs a node name may hold (8xh100); more are more nodes (2x8xh100)
+
+# JAX's GPU allocator takes this fraction of a GPU's memory unless XLA_CLIENT_MEM_FRACTION
+# (or the older XLA_PYTHON_CLIENT_MEM_FRACTION) says otherwise (jaxlib's xla_client).
+GPU_MEMORY_FRACTION = 0.75
 
 # Chips per host: 4 (2x2x1) on multi-host slices; single-host 2D slices hold up to 8 (2x4).
 HOST_BOUNDS = (2, 2, 1)
@@ -50,11 +76,11 @@ SINGLE_HOST_2D = {(1, 1): (1, 1, 1), (2, 2): (2, 2, 1), (2, 4): (2, 4, 1)}
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-    """A TPU slice: its generation, chip grid, hosts, and the name it was asked for by."""
+    """A TPU slice or a set of GPU nodes: its chip, grid, hosts, and the name it was asked for by."""
 
     name: str  # as given
     generation: str  # a key of CHIPS
-    shape: tuple[int, ...]  # chips along each axis, e.g. (4, 4) or (2, 2, 4)
+    shape: tuple[int, ...]  # TPU: chips along each axis, e.g. (4, 4) or (2, 2, 4); GPU: (nodes, GPUs per node)
 
     @property
     def chip(self) -> Chip:
@@ -66,8 +92,21 @@ class Slice:
 
     @property
     def topology(self) -> str:
-        """JAX's name: "v5e:4x4"."""
+        """The canonical name: JAX's for a TPU slice ("v5e:4x4"); "h100", "8xh100" or "2x8xh100"."""
+        if self.chip.platform == "gpu":
+            nodes, per_node = self.shape
+            if nodes > 1:
+                return f"{nodes}x{per_node}x{self.generation}"
+            return f"{per_node}x{self.generation}" if per_node > 1 else self.generation
         return f"{self.generation}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def capacity(self) -> int:
+        """The bytes a program may use on one device: a TPU chip's HBM; for a GPU, the share of
+        its memory JAX's allocator takes (`gpu_memory_fraction`)."""
+        if self.chip.platform == "gpu":
+            return int(self.chip.hbm_bytes * gpu_memory_fraction())
+        return self.chip.hbm_bytes
 
     @property
     def host_bounds(self) -> tuple[int, int, int]:
@@ -77,6 +116,8 @@ class Slice:
 
     @property
     def hosts(self) -> int:
+        if self.chip.platform == "gpu":
+            return self.shape[0]
         bounds = self.host_bounds
         return math.prod(s // b for s, b in zip((*self.shape, 1)[:3], bounds))
 
@@ -93,27 +134,48 @@ def _cloud_shapes(chip: Chip) -> dict[str, tuple[int, ...]]:
 
 
 def known_names() -> list[str]:
-    """Every Cloud accelerator type this module knows, then the JAX form of each generation."""
-    names = [name for chip in CHIPS.values() for name in _cloud_shapes(chip)]
-    return names + [f"{generation}:AxB{'xC' if chip.dims == 3 else ''}" for generation, chip in CHIPS.items()]
+    """Every Cloud accelerator type this module knows, the JAX form of each TPU generation, then
+    each GPU and the node forms."""
+    names = [name for chip in TPUS.values() for name in _cloud_shapes(chip)]
+    names += [f"{generation}:AxB{'xC' if chip.dims == 3 else ''}" for generation, chip in TPUS.items()]
+    return names + list(GPUS) + [f"8xh100 (one node of 1 to {GPUS_PER_NODE} GPUs)", "2x8xh100 (2 nodes of 8)"]
 
 
 class UnknownTopology(ValueError):
-    """A slice name that names no TPU slice this module knows."""
+    """A name that names no TPU slice or GPU this module knows."""
+
+
+_GPU_NAME = re.compile(r"(?:(\d+)x)?(?:(\d+)x)?([a-z][a-z0-9\-]*)")
+
+
+def _parse_gpus(name: str, text: str) -> Slice | None:
+    """`h100`, `8xh100`, `2x8xh100` -> a Slice; None when `text` names no GPU model."""
+    match = _GPU_NAME.fullmatch(text)
+    if not match or match.group(3) not in GPUS:
+        return None
+    first, second, model = match.groups()
+    nodes, per_node = (int(first), int(second)) if second else (1, int(first or 1))
+    if not (nodes >= 1 and 1 <= per_node <= GPUS_PER_NODE):
+        raise UnknownTopology(f"topology {name!r}: a node holds 1 to {GPUS_PER_NODE} GPUs and there is at least one "
+                              f"node; name more GPUs as nodes, e.g. 2x8x{model}")
+    return Slice(name, model, (nodes, per_node))
 
 
 def parse_slice(name: str) -> Slice:
-    """`v5e:4x4`, `v4:2x2x4`, `v5litepod-16`, `v4-32`, ... -> a Slice.
+    """`v5e:4x4`, `v4:2x2x4`, `v5litepod-16`, `v4-32`, `h100`, `8xh100`, `2x8xh100`, ... -> a Slice.
 
     Raises UnknownTopology (one line, listing the known names) for anything else.
     """
     text = name.strip().lower()
-    for generation, chip in CHIPS.items():
+    gpus = _parse_gpus(name, text)
+    if gpus is not None:
+        return gpus
+    for generation, chip in TPUS.items():
         shape = _cloud_shapes(chip).get(text)
         if shape is not None:
             return Slice(name, generation, shape)
     match = re.fullmatch(r"(v\d+[a-z]*)[:=_](\d+(?:x\d+)*)", text)
-    if match and match.group(1) in CHIPS:
+    if match and match.group(1) in TPUS:
         generation = match.group(1)
         shape = tuple(int(d) for d in match.group(2).split("x"))
         dims = CHIPS[generation].dims
@@ -127,22 +189,73 @@ def parse_slice(name: str) -> Slice:
             )
         raise UnknownTopology(f"topology {name!r}: {generation} slices have {dims} dimensions, e.g. "
                               f"{generation}:{'2x2x1' if dims == 3 else '2x2'}")
-    raise UnknownTopology(f"unknown TPU topology {name!r}; known: {', '.join(known_names())}")
+    raise UnknownTopology(f"unknown topology {name!r}; known: {', '.join(known_names())}")
+
+
+def gpu_memory_fraction() -> float:
+    """The fraction of a GPU's memory JAX's allocator takes, read as JAX reads it in a run:
+    XLA_CLIENT_MEM_FRACTION, else XLA_PYTHON_CLIENT_MEM_FRACTION, else GPU_MEMORY_FRACTION.
+    Raises ConfigError for a value that is not a fraction in (0, 1]."""
+    from sigmavae_jax.config import ConfigError
+
+    for variable in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        text = os.environ.get(variable, "").strip()
+        if text:
+            try:
+                fraction = float(text)
+            except ValueError:
+                fraction = -1.0
+            if not 0 < fraction <= 1:
+                raise ConfigError(f"{variable}={text!r} is not a fraction of the GPU's memory in (0, 1]; use e.g. 0.9")
+            return fraction
+    return GPU_MEMORY_FRACTION
+
+
+def gpu_target_config(model: str) -> str:
+    """The device description of GPU `model` (a key of GPUS) as the CUDA compiler takes it: a
+    GpuTargetConfigProto in text form, from sigmavae_jax/gpu_targets/MODEL.txtpb."""
+    return importlib.resources.files("sigmavae_jax").joinpath("gpu_targets", f"{model}.txtpb").read_text()
 
 
 def compile_only_environment() -> None:
     """Settings for a process that compiles for slices and runs nothing on them: JAX computes
-    on the CPU (a TPU VM's own chips stay free for the job that uses them), and libtpu may be
-    loaded beside other processes that hold it. Call before JAX starts; set variables win."""
+    on the CPU (a TPU VM's own chips or a GPU machine's GPUs stay free for the job that uses
+    them), and libtpu may be loaded beside other processes that hold it. Call before JAX
+    starts; set variables win."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
-def slice_devices(tpu_slice: Slice) -> list:
-    """The slice's devices (one per chip, megacore where the chip has it), described by libtpu
-    on this host. Raises RuntimeError naming the extra to install when libtpu is missing."""
+def _gpu_devices(gpus: Slice) -> list:
+    """The GPUs' devices, described by the CUDA compiler plugin from the packaged description:
+    one process per node, as a run launches them."""
     from jax.experimental import topologies
 
+    nodes, per_node = gpus.shape
+    try:
+        description = topologies.get_topology_desc(
+            gpus.generation, "cuda", target_config=gpu_target_config(gpus.generation), topology=f"1x{nodes}x{per_node}"
+        )
+    except NotImplementedError:  # what JAX raises when no plugin registered the platform
+        raise RuntimeError(
+            f"cannot describe GPUs {gpus.topology} on this host (no CUDA compiler plugin); install it with "
+            "pip install -e '.[gpu]' (jax-cuda12-plugin matching this jax; no GPU or CUDA libraries needed)"
+        ) from None
+    except Exception as error:  # a plugin that cannot read the description
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RuntimeError(f"cannot describe GPUs {gpus.topology} on this host ({message}); reinstall the "
+                           "CUDA compiler plugin matching this jax with pip install -e '.[gpu]'") from None
+    return list(description.devices)
+
+
+def slice_devices(tpu_slice: Slice) -> list:
+    """The slice's devices (one per TPU chip, megacore where the chip has it; one per GPU),
+    described on this host by libtpu or the CUDA compiler plugin. Raises RuntimeError naming
+    the extra to install when that is missing."""
+    from jax.experimental import topologies
+
+    if tpu_slice.chip.platform == "gpu":
+        return _gpu_devices(tpu_slice)
     chip = tpu_slice.chip
     try:
         description = topologies.get_topology_desc(

@@ -35,7 +35,7 @@ def test_cloud_and_jax_slice_names_describe_the_same_chips(name, topology_name, 
     assert len({d.process_index for d in devices}) == hosts
 
 
-@pytest.mark.parametrize("name", ["v7-8", "h100", "v5e:3x3", "v4:2x2", "v5litepod-12"])
+@pytest.mark.parametrize("name", ["v7-8", "h800", "v5e:3x3", "v4:2x2", "v5litepod-12"])
 def test_unknown_topology_is_a_one_line_error(name, capsys):
     with pytest.raises(topology.UnknownTopology) as error:
         topology.parse_slice(name)
@@ -43,8 +43,8 @@ def test_unknown_topology_is_a_one_line_error(name, capsys):
     code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", name])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:")
-    if name in ("v7-8", "h100"):
-        assert "v5litepod-16" in err and "v4-32" in err  # the known names are listed
+    if name in ("v7-8", "h800"):
+        assert "v5litepod-16" in err and "v4-32" in err and "h100" in err  # the known names are listed
 
 
 def test_largest_fitting_doubles_then_bisects():
@@ -167,7 +167,7 @@ def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatc
     images per chip fit), ending in the report and JSON of the largest."""
     asked = []
 
-    def fake_report(cfg, tpu_slice, keep=None):
+    def fake_report(cfg, tpu_slice, keep=None, flops=True):
         per_chip = cfg.train.batch_size // tpu_slice.chips
         asked.append(per_chip)
         total = (1 + per_chip) * 2**30

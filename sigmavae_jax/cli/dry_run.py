@@ -1,6 +1,6 @@
-"""`train.py --dry-run` and `eval.py --dry-run`: compile for a TPU slice on this host, print the
-report, end with one JSON line, and exit 0 when everything fits, 4 when it does not (2 for a
-bad name or setting)."""
+"""`train.py --dry-run` and `eval.py --dry-run`: compile for a TPU slice or GPUs on this host, print
+the report, end with one JSON line, and exit 0 when everything fits, 4 when it does not (2 for a
+bad name or setting, or a missing compiler)."""
 
 from __future__ import annotations
 
@@ -14,35 +14,42 @@ DOES_NOT_FIT = 4
 def add_arguments(parser, program: str) -> None:
     """--dry-run and --topology, for a command line that compiles `program` ("the step", ...)."""
     parser.add_argument("--dry-run", action="store_true",
-                        help=f"compile {program} for --topology on this host (no TPU, weights or data needed) and "
-                        f"report HBM per chip, FLOPs and bytes per image, roofline images/s; exit {DOES_NOT_FIT} if it "
+                        help=f"compile {program} for --topology on this host (no TPU, GPU, weights or data needed) and "
+                        f"report HBM per device, FLOPs and bytes per image, roofline images/s; exit {DOES_NOT_FIT} if it "
                         "does not fit")
     parser.add_argument("--topology", metavar="NAME",
                         help="with --dry-run: a TPU slice, as JAX names it (v5e:4x4, v4:2x2x4) or as Cloud does "
-                        "(v5litepod-16, v4-32, v5p-8, v6e-8)")
+                        "(v5litepod-16, v4-32, v5p-8, v6e-8), or GPUs: h100, h200, a100-80gb, b200, one node of 8 as "
+                        "8xh100, 2 nodes of 8 as 2x8xh100 (GPUs need pip install -e '.[gpu]')")
 
 
 def _slice(name: str):
-    """The slice named `name`, in a process set up to compile only (before JAX starts)."""
+    """The slice or GPUs named `name`, in a process set up to compile only (before JAX starts)."""
     from sigmavae_jax import topology
 
     topology.compile_only_environment()
     return topology.parse_slice(name)
 
 
-def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0) -> int:
-    """The training step of `cfg` on the slice; with find_batch, at the largest per-chip batch
+def _devices(tpu_slice) -> str:
+    """"4 chips, 1 host" or "16 GPUs, 2 nodes"."""
+    unit, host = tpu_slice.chip.unit, "node" if tpu_slice.chip.platform == "gpu" else "host"
+    return f"{tpu_slice.chips} {unit}s, {tpu_slice.hosts} {host}" + "s" * (tpu_slice.hosts > 1)
+
+
+def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep: dict | None = None) -> int:
+    """The training step of `cfg` on the slice; with find_batch, at the largest per-device batch
     that fits (doubling from the config's, then bisection); dump_top: list the operations of
-    the compiled program that move the most HBM bytes."""
+    the compiled program that move the most HBM bytes. keep: when given (and not find_batch),
+    gets the compiled program under "compiled"."""
     tpu_slice = _slice(topology_name)
     from sigmavae_jax import dry_run
     from sigmavae_jax.config import with_overrides
 
-    chips = tpu_slice.chips
-    hosts = f"{tpu_slice.hosts} host" + "s" * (tpu_slice.hosts > 1)
-    print(f"compiling the train step for {tpu_slice.topology} ({chips} chips, {hosts}) on this host", flush=True)
+    chips, unit = tpu_slice.chips, tpu_slice.chip.unit
+    print(f"compiling the train step for {tpu_slice.topology} ({_devices(tpu_slice)}) on this host", flush=True)
     if not find_batch:
-        keep = {}
+        keep = {} if keep is None else keep
         report = dry_run.train_step_report(cfg, tpu_slice, keep=keep)
         if dump_top and "compiled" in keep:
             print_top_ops(keep["compiled"], dump_top, report.batch_per_chip)
@@ -50,36 +57,40 @@ def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0) -> in
 
     reports = {}
 
+    def at(per_chip: int):
+        return with_overrides(cfg, [f"train.batch_size={per_chip * chips}"])
+
     def fits(per_chip: int) -> bool:
         start = time.perf_counter()
-        reports[per_chip] = report = dry_run.train_step_report(
-            with_overrides(cfg, [f"train.batch_size={per_chip * chips}"]), tpu_slice
-        )
+        reports[per_chip] = report = dry_run.train_step_report(at(per_chip), tpu_slice, flops=False)
         verdict = "fits" if report.fits else "does not fit"
-        print(f"  {per_chip:>5} images per chip: {report.total / 2**30:7.2f} GiB, {verdict} "
+        print(f"  {per_chip:>5} images per {unit}: {report.total / 2**30:7.2f} GiB, {verdict} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         return report.fits
 
     best = dry_run.largest_fitting(fits, start=max(1, cfg.train.batch_size // chips))
-    report = reports[best] if best else reports[min(reports)]
+    batch = best or min(reports)
+    report = dry_run.fill_step_flops(reports[batch], at(batch))
     extra = {"max_batch_per_chip": best, "max_global_batch": best * chips}
-    print(f"largest batch that fits: {best} per chip (train.batch_size={best * chips})")
+    print(f"largest batch that fits: {best} per {unit} (train.batch_size={best * chips})")
     return _finish(report, extra, dry_run.advice(report, cfg))
 
 
 def codec(model_cfg, topology_name: str, *, size: int, batch_size: int, dtype: str) -> int:
     """Encode and decode on the slice."""
     tpu_slice = _slice(topology_name)
-    from sigmavae_jax import dry_run
+    from sigmavae_jax import dry_run, topology
 
-    print(f"compiling encode and decode for {tpu_slice.topology} ({tpu_slice.chips} chips) on this host", flush=True)
+    print(f"compiling encode and decode for {tpu_slice.topology} ({_devices(tpu_slice)}) on this host", flush=True)
     reports = dry_run.codec_reports(model_cfg, tpu_slice, size=size, batch_size=batch_size, dtype=dtype)
     for report in reports:
         print("\n".join(report.lines()))
     figures = {report.program: report.figures() for report in reports}
     fits = all(report.fits for report in reports)
     if not fits:
-        print("error: does not fit in HBM; lower --batch-size or use --dtype bfloat16", file=sys.stderr)
+        more = (f"; or raise XLA_CLIENT_MEM_FRACTION (now {topology.gpu_memory_fraction():g}) in the run's environment "
+                "and this one's" if tpu_slice.chip.platform == "gpu" else "")
+        print(f"error: does not fit in HBM; lower --batch-size or use --dtype bfloat16{more}", file=sys.stderr)
     print(json.dumps(figures))
     return 0 if fits else DOES_NOT_FIT
 
@@ -90,9 +101,10 @@ def print_top_ops(compiled, count: int, batch_per_chip: int) -> None:
     from sigmavae_jax import dry_run
 
     rows = dry_run.hlo_traffic(compiled.as_text())
-    total = dry_run.cost_of(compiled).get("bytes accessed", 0.0)
+    total = dry_run.cost_of(compiled).get("bytes accessed")
     listed = sum(row["bytes"] for row in rows)
-    print(f"HBM traffic per chip: {total / 1e9:.2f} GB (cost analysis); {listed / 1e9:.2f} GB over {len(rows)} operations "
+    analysed = f"{total / 1e9:.2f} GB (cost analysis)" if total is not None else "no cost analysis from this compiler"
+    print(f"HBM traffic per device: {analysed}; {listed / 1e9:.2f} GB over {len(rows)} operations "
           f"(operands + outputs, read from the program)")
     print(f"the {count} operations that move the most:")
     print(f"  {'GB':>7} {'MB/image':>9}  {'op':<22} {'output':<28} source")
