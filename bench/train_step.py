@@ -39,7 +39,7 @@ def compiled_step(name: str, overrides: list[str], lpips):
     and waits for it."""
     cfg = load_config(name, overrides)
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    modules = train_state.build_modules(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
+    modules = train_state.build_structure(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
     lpips_graph, lpips_vars = lpips
     state, shardings = train_state.create_state(cfg, modules, mesh, jax.random.key(0))
     step = compile_train_step(make_train_step(cfg, modules, lpips_graph), shardings, mesh, lpips_vars)

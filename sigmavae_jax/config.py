@@ -268,11 +268,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = _deep_update(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -310,14 +310,14 @@ def load_config(name_or_path: str | pathlib.Path | None = None, overrides: list[
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(tree).__name__}")
         source = str(path)
     if overrides:
-        tree = _merge(tree, parse_overrides(list(overrides)))
+        tree = _deep_update(tree, parse_overrides(list(overrides)))
         source += " + overrides"
     return from_dict(tree, source)
 
 
 def with_overrides(config: Config, overrides: list[str]) -> Config:
     """`config` with `key.sub=value` overrides applied (validated as `load_config` does)."""
-    return from_dict(_merge(to_dict(config), parse_overrides(list(overrides))), "config + overrides")
+    return from_dict(_deep_update(to_dict(config), parse_overrides(list(overrides))), "config + overrides")
 
 
 def to_dict(config: pydantic.BaseModel) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from sigmavae_jax import data, metrics, viz
 from sigmavae_jax.api import build_model, codec_from_model
 from sigmavae_jax.config import load_config, parse_overrides
 from sigmavae_jax.train.loop import train
-from sigmavae_jax.train.state import build_modules, init_state
+from sigmavae_jax.train.state import build_structure, init_state
 
 # Photos (not drawings or test charts) shipped with scikit-image; three are held out.
 TRAIN_PHOTOS = (
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config("tiny", [f"data.path={train_dir}", *overrides])
     heldout = heldout_images(cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(heldout_dir)})}))
 
-    initial = init_state(cfg, build_modules(cfg), jax.random.key(cfg.seed))  # what training starts from
+    initial = init_state(cfg, build_structure(cfg), jax.random.key(cfg.seed))  # what training starts from
     before = codec_from_model(build_model(cfg.model, initial.params["vae"]), cfg)
     psnr_before = mean_psnr(before.reconstruct, heldout)
 

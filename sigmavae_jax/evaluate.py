@@ -75,7 +75,7 @@ def _batch_function(codec: Codec, settings: EvalSettings, lpips_graph, inception
     return batch_values
 
 
-def _split(module) -> tuple[Any, Any]:
+def _graph_and_variables(module) -> tuple[Any, Any]:
     return nnx.split(module) if module is not None else (None, None)
 
 
@@ -166,8 +166,8 @@ def evaluate(
     reference_stats = storage.reachable(reference_stats) if reference_stats is not None else None
     out_dir = storage.reachable(out_dir) if out_dir is not None else None
     local_batch = settings.batch_size // processes
-    lpips_graph, lpips_vars = _split(lpips)
-    inception_graph, inception_vars = _split(inception)
+    lpips_graph, lpips_vars = _graph_and_variables(lpips)
+    inception_graph, inception_vars = _graph_and_variables(inception)
     replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))  # noqa: E731
     step = jax.jit(
         _batch_function(codec, settings, lpips_graph, inception_graph),
@@ -320,7 +320,7 @@ def robustness(
     for every sigma, and average PSNR (and LPIPS) of the decodings against the originals.
     Returns [{"sigma", "psnr", "lpips"}] in the order of `sigmas`."""
     mesh, local_batch = _mesh_and_local_batch(settings)
-    lpips_graph, lpips_vars = _split(lpips)
+    lpips_graph, lpips_vars = _graph_and_variables(lpips)
 
     @jax.jit
     def sums(params, lpips_vars, images, mask, sigma, key):

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 import sigmavae_jax
 from sigmavae_jax import checkpoint, parallel
 from sigmavae_jax.config import CheckpointConfig, from_dict, load_config, to_dict
-from sigmavae_jax.train.state import build_modules, create_state, init_state
+from sigmavae_jax.train.state import build_structure, create_state, init_state
 
 OVERRIDES = ["loss.perceptual_weight=0", "train.fsdp_min_size=256"]
 FSDP_MIN_SIZE = 256
@@ -27,7 +27,7 @@ def run():
     """cfg, modules, the abstract TrainState (no shardings) and a 'trained' state on a 4x2
     (data, fsdp) mesh of the 8 devices, built once: the sharded init is the slow part."""
     cfg = load_config("tiny", OVERRIDES)
-    modules = build_modules(cfg)
+    modules = build_structure(cfg)
     mesh = parallel.make_mesh(4, 2)
     state, _ = create_state(cfg, modules, mesh, jax.random.key(0))
     abstract = jax.eval_shape(lambda key: init_state(cfg, modules, key), jax.random.key(0))
@@ -189,7 +189,7 @@ def test_half_written_step_is_ignored_and_replaced(run, saved, tmp_path):
 
 def test_another_model_config_is_explained(run, saved):
     cfg = load_config("tiny", [*OVERRIDES, "model.ch=16"])
-    abstract = jax.eval_shape(lambda key: init_state(cfg, build_modules(cfg), key), jax.random.key(0))
+    abstract = jax.eval_shape(lambda key: init_state(cfg, build_structure(cfg), key), jax.random.key(0))
     with checkpoint.Checkpointer(saved, SYNC) as ckpt:
         message = r"(?s)step 7 in .*checkpoints does not match.*another shape.*fresh workdir"
         with pytest.raises(ValueError, match=message):

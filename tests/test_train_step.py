@@ -35,7 +35,7 @@ def tiny_config(*overrides):
 
 def setup(cfg, mesh):
     """(state, jitted step, lpips variables) for cfg on mesh, from a fixed seed."""
-    modules = train_state.build_modules(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
+    modules = train_state.build_structure(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
     lpips_graph, lpips_vars = lpips_parts() if cfg.loss.perceptual_weight > 0 else (None, None)
     state, shardings = train_state.create_state(cfg, modules, mesh, jax.random.key(cfg.seed))
     step = compile_train_step(make_train_step(cfg, modules, lpips_graph), shardings, mesh, lpips_vars)
@@ -59,7 +59,7 @@ def reference_terms(cfg, state, x):
     """What the step should compute, from the pieces: the same latent noise (the step's key
     is fold_in(rng, step)), x_hat, KL, LPIPS, D logits, and the adaptive weight from two
     separate jax.grad calls w.r.t. the decoder's conv_out kernel."""
-    modules = train_state.build_modules(cfg)
+    modules = train_state.build_structure(cfg)
     vae_params = state.params["vae"]
     key = jax.random.fold_in(state.rng, state.step)
     x = jnp.asarray(x)
@@ -166,7 +166,7 @@ def test_adaptive_weight_is_the_ratio_of_two_grads(chosen):
     x_hat cotangents) against jax.grad of nll and of g w.r.t. the conv_out kernel through
     the whole model, on identical inputs in one program, with either set of kernels."""
     cfg = tiny_config("loss.disc_weight=0.5")
-    modules = train_state.build_modules(cfg, chosen)
+    modules = train_state.build_structure(cfg, chosen)
     state = train_state.init_state(cfg, modules, jax.random.key(5))
     x = jnp.asarray(images((BATCH, SIZE, SIZE, 3), seed=11))
 
@@ -250,7 +250,7 @@ def test_decoder_only_training_leaves_the_rest_bit_identical():
 
 def test_unknown_trainable_prefix_is_an_error():
     with pytest.raises(ValueError, match="match no parameter.*'decoder'"):
-        train_state.build_modules(tiny_config("train.trainable=[decodr]"))
+        train_state.build_structure(tiny_config("train.trainable=[decodr]"))
 
 
 def test_bfloat16_step_stays_finite_and_learns():

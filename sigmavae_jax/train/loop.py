@@ -28,7 +28,7 @@ from sigmavae_jax.models.params import check_params
 from sigmavae_jax.checkpoint import Checkpointer, export_params, load_params, with_shardings
 from sigmavae_jax.config import Config, ConfigError, to_dict
 from sigmavae_jax.train.program import build_program
-from sigmavae_jax.train.state import Modules, TrainState, create_state, learning_rate_schedule
+from sigmavae_jax.train.state import TrainStructure, TrainState, create_state, learning_rate_schedule
 
 log = logging.getLogger("sigmavae_jax")
 PREVIEW_IMAGES = 8
@@ -158,7 +158,7 @@ def _preview_batch(cfg: Config) -> np.ndarray:
     raise ConfigError("the data source holds no readable image")
 
 
-def _make_reconstruct(modules: Modules):
+def _make_reconstruct(modules: TrainStructure):
     @jax.jit
     def reconstruct(vae_params, images):
         vae = nnx.merge(modules.vae, vae_params)

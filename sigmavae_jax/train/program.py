@@ -17,7 +17,7 @@ from sigmavae_jax import kernels, parallel
 from sigmavae_jax.models.params import DTYPES
 from sigmavae_jax.config import Config
 from sigmavae_jax.models.lpips import LPIPS, load_lpips, lpips_weight_shapes
-from sigmavae_jax.train.state import Modules, TrainState, build_modules, state_shapes, state_shardings
+from sigmavae_jax.train.state import TrainStructure, TrainState, build_structure, state_shapes, state_shardings
 from sigmavae_jax.train.step import compile_train_step, make_train_step
 
 
@@ -33,7 +33,7 @@ class TrainProgram:
 
     cfg: Config
     mesh: Mesh
-    modules: Modules
+    modules: TrainStructure
     step: Any
     state_shardings: TrainState
     lpips_vars: Any
@@ -71,7 +71,7 @@ def build_program(cfg: Config, mesh: Mesh, *, abstract: bool = False) -> TrainPr
     Raises ValueError when the global batch does not split over the mesh's devices.
     """
     parallel.check_batch_size(cfg.train.batch_size, mesh)
-    modules = build_modules(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
+    modules = build_structure(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
     lpips_graph = lpips_vars = None
     if cfg.loss.perceptual_weight > 0:
         dtype = DTYPES[cfg.train.compute_dtype]

@@ -43,8 +43,9 @@ class TrainState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Modules:
-    """The static half of training: module graphs and optimizers (not checkpointed)."""
+class TrainStructure:
+    """The static half of training, beside the `TrainState`: module graphs, optimizers, the
+    trained parameter paths and the kernels (nothing here is checkpointed)."""
 
     vae: Any  # nnx.GraphDef of AutoencoderKL
     disc: Any  # nnx.GraphDef of NLayerDiscriminator
@@ -101,7 +102,7 @@ def generator_labels(vae_params: dict[str, Any], trained: frozenset, learn_logva
     return {"vae": unflatten_params(flat), "logvar": TRAINED if learn_logvar else FROZEN}
 
 
-def build_modules(cfg: Config, kernels: Kernels = XLA) -> Modules:
+def build_structure(cfg: Config, kernels: Kernels = XLA) -> TrainStructure:
     """Module graphs (compute dtype and remat from cfg.train, convolutions by `kernels`: pass
     `kernels.for_mesh(cfg.train.kernels, mesh)` for the mesh the step is compiled for) and the
     two optimizers."""
@@ -121,12 +122,12 @@ def build_modules(cfg: Config, kernels: Kernels = XLA) -> Modules:
         {TRAINED: adam(cfg.optim, cfg.optim.lr, cfg.train.steps), FROZEN: optax.set_to_zero()}, labels
     )
     disc_tx = adam(cfg.optim, cfg.optim.disc_lr or cfg.optim.lr, cfg.train.steps)
-    return Modules(
+    return TrainStructure(
         vae=vae_graph, disc=disc_graph, gen_tx=gen_tx, disc_tx=disc_tx, trained_paths=trained, kernels=kernels
     )
 
 
-def init_state(cfg: Config, modules: Modules, key: jax.Array, vae_params: dict[str, Any] | None = None) -> TrainState:
+def init_state(cfg: Config, modules: TrainStructure, key: jax.Array, vae_params: dict[str, Any] | None = None) -> TrainState:
     """A fresh TrainState; `vae_params` (e.g. converted weights) replaces the random VAE init.
     Pure: jit it with out_shardings so the state is born sharded."""
     vae_key, disc_key, rng = jax.random.split(key, 3)
@@ -149,19 +150,19 @@ def init_state(cfg: Config, modules: Modules, key: jax.Array, vae_params: dict[s
     )
 
 
-def state_shapes(cfg: Config, modules: Modules) -> TrainState:
+def state_shapes(cfg: Config, modules: TrainStructure) -> TrainState:
     """The shapes and dtypes of a fresh TrainState (ShapeDtypeStructs; no memory)."""
     return jax.eval_shape(lambda key: init_state(cfg, modules, key), jax.random.key(0))
 
 
-def state_shardings(cfg: Config, modules: Modules, mesh: Mesh) -> TrainState:
+def state_shardings(cfg: Config, modules: TrainStructure, mesh: Mesh) -> TrainState:
     """The shardings of every TrainState leaf on `mesh`: replicated, or FSDP-split for big
     arrays (`parallel.tree_shardings`)."""
     return parallel.tree_shardings(mesh, state_shapes(cfg, modules), cfg.train.fsdp_min_size)
 
 
 def create_state(
-    cfg: Config, modules: Modules, mesh: Mesh, key: jax.Array, vae_params: dict[str, Any] | None = None
+    cfg: Config, modules: TrainStructure, mesh: Mesh, key: jax.Array, vae_params: dict[str, Any] | None = None
 ) -> tuple[TrainState, TrainState]:
     """A TrainState born sharded over `mesh` (never materialised on one device first),
     and the shardings of its leaves (`state_shardings`)."""

@@ -23,7 +23,7 @@ from sigmavae_jax import losses, parallel
 from sigmavae_jax.models.params import flatten_params, unflatten_params
 from sigmavae_jax.config import Config
 from sigmavae_jax.models import layers
-from sigmavae_jax.train.state import Modules, TrainState
+from sigmavae_jax.train.state import TrainStructure, TrainState
 
 StepFn = Callable[[TrainState, jax.Array, Any], tuple[TrainState, dict[str, jax.Array]]]
 
@@ -40,21 +40,23 @@ def conv_kernel_grad(conv: nnx.Conv, h: jax.Array, cotangent: jax.Array) -> jax.
     return pullback(cotangent.astype(jnp.float32))[0]
 
 
-def _split(tree: dict[str, Any], keep: frozenset) -> tuple[dict[str, Any], dict[str, Any]]:
+def _partition_params(tree: dict[str, Any], keep: frozenset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Nested params -> (those whose path is in `keep`, the rest), both nested."""
     flat = flatten_params(tree)
     kept = unflatten_params({p: v for p, v in flat.items() if p in keep})
     rest = unflatten_params({p: v for p, v in flat.items() if p not in keep})
     return kept, rest
 
 
-def _merge(*trees: dict[str, Any]) -> dict[str, Any]:
+def _combine_params(*trees: dict[str, Any]) -> dict[str, Any]:
+    """Undoes `_partition_params`: one nested tree holding every leaf of `trees`."""
     flat: dict = {}
     for tree in trees:
         flat.update(flatten_params(tree))
     return unflatten_params(flat)
 
 
-def make_train_step(cfg: Config, modules: Modules, lpips_graph: Any = None) -> StepFn:
+def make_train_step(cfg: Config, modules: TrainStructure, lpips_graph: Any = None) -> StepFn:
     """The pure step for `cfg`. `lpips_graph` is the LPIPS nnx.GraphDef (None when the
     perceptual weight is 0); its variables come in as the step's third argument."""
     loss_cfg = cfg.loss
@@ -62,7 +64,7 @@ def make_train_step(cfg: Config, modules: Modules, lpips_graph: Any = None) -> S
         raise ValueError("loss.perceptual_weight > 0 needs the LPIPS network; pass lpips_graph")
 
     def generator_forward(trained, frozen, x, key):
-        vae = nnx.merge(modules.vae, _merge(frozen, trained))
+        vae = nnx.merge(modules.vae, _combine_params(frozen, trained))
         posterior = vae.posterior(x)
         h = vae.decode_features(vae.training_latent(posterior, key))  # (B, H, W, ch)
         x_hat = vae.decoder.conv_out(h).astype(jnp.float32)
@@ -91,7 +93,7 @@ def make_train_step(cfg: Config, modules: Modules, lpips_graph: Any = None) -> S
         key = jax.random.fold_in(state.rng, step)
         x = images.astype(jnp.float32)
         batch = x.shape[0]
-        trained, frozen = _split(state.params["vae"], modules.trained_paths)
+        trained, frozen = _partition_params(state.params["vae"], modules.trained_paths)
         logvar = state.params["logvar"]
 
         # Generator forward, kept for one backward pass with the combined cotangent.
@@ -133,7 +135,7 @@ def make_train_step(cfg: Config, modules: Modules, lpips_graph: Any = None) -> S
         ct_kl = jnp.full_like(kl, loss_cfg.kl_weight / batch)
         (trained_grads,) = pullback((ct_x_hat, ct_kl))
         frozen_grads = jax.tree.map(jnp.zeros_like, frozen)
-        gen_grads = {"vae": _merge(frozen_grads, trained_grads), "logvar": g_logvar}
+        gen_grads = {"vae": _combine_params(frozen_grads, trained_grads), "logvar": g_logvar}
         total = nll + d_weight * disc_factor * g_loss + loss_cfg.kl_weight * kl_value
 
         updates, opt_state = modules.gen_tx.update(gen_grads, state.opt_state, state.params)
