@@ -5,7 +5,7 @@ sigmavae_jax params, and back to diffusers / LDM files.
     converted = load_torch_weights("ae.safetensors")            # params + inferred config
     convert("sdxl_vae.safetensors", "out/sdxl", config="sdxl")  # what convert_torch_weights.py runs
 
-TrainStructure: readers (files and folders -> tensors), keymaps (names and array layouts),
+Modules: readers (files and folders -> tensors), keymaps (names and array layouts),
 infer (the model config), writers (output formats), pipeline (the steps in order).
 """
 
