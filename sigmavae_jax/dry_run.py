@@ -87,10 +87,10 @@ def compile_for_slice(jitted, args: tuple) -> tuple[Any, float]:
     return compiled, time.perf_counter() - start
 
 
-def cost_of(compiled) -> dict[str, float]:
-    """The compiled program's cost analysis (per device): {"flops", "bytes accessed", ...};
-    empty when the compiler gives none (XLA:GPU)."""
-    cost = compiled.cost_analysis()
+def cost_of(program) -> dict[str, float]:
+    """A compiled (or lowered) program's cost analysis (per device): {"flops", "bytes accessed",
+    ...}; empty when the compiler gives none (XLA:GPU)."""
+    cost = program.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0] if cost else None
     return dict(cost or {})
@@ -110,10 +110,7 @@ def one_cpu_mesh():
 def lowered_flops(jitted, args: tuple) -> float:
     """FLOPs of `jitted` at `args` from XLA's analysis of the lowered, unoptimised program (no
     compile). Its byte count is not HBM traffic (nothing is fused yet), so only FLOPs are read."""
-    cost = jitted.lower(*args).cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return float((cost or {}).get("flops", 0.0))
+    return float(cost_of(jitted.lower(*args)).get("flops", 0.0))
 
 
 def step_flops_on_one_cpu(cfg: Config, per_device: int, kernels: Kernels) -> float:

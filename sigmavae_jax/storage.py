@@ -53,9 +53,7 @@ def is_remote(value: str | os.PathLike) -> bool:
 def path(value: str | os.PathLike) -> Path:
     """`gs://bucket/key` -> an epath.Path on Cloud Storage; anything else -> an absolute local
     pathlib.Path (`~` expanded, symlinks resolved). Does no I/O on remote paths."""
-    if isinstance(value, epath.Path) and not isinstance(value, pathlib.Path) and is_remote(value):
-        return value
-    text = os.fspath(value) if not isinstance(value, str) else value
+    text = os.fspath(value)
     if is_remote(text):
         bucket = text[len(REMOTE_PREFIX):].split("/", 1)[0]
         if not bucket:
@@ -132,12 +130,6 @@ def reachable(value: str | os.PathLike) -> Path:
     with _checked_lock:
         _checked_buckets.add(bucket)
     return resolved
-
-
-def forget_checked_buckets() -> None:
-    """Check every bucket again on next use (a bucket may be deleted while a process runs)."""
-    with _checked_lock:
-        _checked_buckets.clear()
 
 
 @contextlib.contextmanager
