@@ -23,7 +23,7 @@ from flax import nnx
 from sigmavae_jax.checkpoint import load_params
 from sigmavae_jax.config import Config, ModelConfig
 from sigmavae_jax.kernels import XLA, Kernels
-from sigmavae_jax.models import latent, layers
+from sigmavae_jax.models import latent
 from sigmavae_jax.models.autoencoder import AutoencoderKL, check_image_shape, check_latent_shape
 from sigmavae_jax.models.params import (  # noqa: F401 (the user-facing names of the parameter tree)
     DTYPES,
@@ -36,7 +36,7 @@ from sigmavae_jax.models.params import (  # noqa: F401 (the user-facing names of
     params_of,
     unflatten_params,
 )
-from sigmavae_jax.tiling import Tiling, tiled_apply
+from sigmavae_jax.tiling import Tiling, tile_passes, tiled_apply
 
 @dataclasses.dataclass(frozen=True)
 class Codec:
@@ -69,19 +69,10 @@ class Codec:
         return fn
 
     def _tile_functions(self, method: Callable) -> tuple[Callable, Callable]:
-        """(record, apply) of `tiling.tiled_apply` for the model's local part `method`: jitted,
-        GroupNorm statistics recorded from or shared across tiles (layers.SharedGroupStats)."""
-
-        def run(params, x, weight, stats):
-            with layers.shared_group_stats(layers.SharedGroupStats(weight, stats)) as hook:
-                out = self._apply(method)(params, x)
-            return out, hook.records
-
-        record = jax.jit(lambda params, x, weight, stats: run(params, x, weight, stats)[1])
-        apply = jax.jit(lambda params, x, weight, stats: run(params, x, weight, stats)[0])
-        return (lambda x, weight, stats: record(self.params, x, weight, stats)), (
-            lambda x, weight, stats: apply(self.params, x, weight, stats)
-        )
+        """(record, apply) of `tiling.tiled_apply` for the model's local part `method`, with
+        this codec's parameters (`tiling.tile_passes`)."""
+        record, apply = tile_passes(self.graphdef, method)
+        return (lambda *tile: record(self.params, *tile)), (lambda *tile: apply(self.params, *tile))
 
     @property
     def encode_fn(self) -> Callable[[Any, jax.Array], jax.Array]:
@@ -108,7 +99,7 @@ class Codec:
         dtype = self.dtype
         object.__setattr__(self, "_encode_tiles", self._tile_functions(
             lambda m, x: m.encoder.downsample_features(x.astype(dtype))))
-        object.__setattr__(self, "_decode_tiles", self._tile_functions("decode_from_bottleneck"))
+        object.__setattr__(self, "_decode_tiles", self._tile_functions(lambda m, h: m.decode_from_bottleneck(h)))
 
     def with_tiling(self, mode: str = "always", **settings) -> "Codec":
         """This codec with other tiling settings (see `tiling.Tiling`), e.g.

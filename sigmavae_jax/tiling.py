@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from fractions import Fraction
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
+
+from sigmavae_jax.models.layers import GroupNorm
 
 Mode = Literal["auto", "always", "never"]
 
@@ -128,18 +133,89 @@ class _Grid:
         return cls(starts, tile, out_starts, out_tile, weights, fine)
 
 
-def combine_stats(records: list[list[tuple]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per GroupNorm, the (mean, var) of the whole image from the tiles' weighted records
-    (weight sum, mean, squared deviations), merged in float64 (Chan et al.)."""
-    combined = []
-    for per_tile in zip(*records):
-        n = np.stack([np.asarray(r[0], np.float64) for r in per_tile])
-        means = np.stack([np.asarray(r[1], np.float64) for r in per_tile])
-        m2 = np.stack([np.asarray(r[2], np.float64) for r in per_tile])
+Record = tuple[jax.Array, jax.Array, jax.Array]  # (weight sum, weighted mean, weighted squared deviations)
+Stats = dict[str, tuple[Any, Any]]  # GroupNorm path -> (mean, var), each (B, groups)
+
+
+class TileGroupNorm(nnx.Module):
+    """Stands in for one `GroupNorm` on the tiled path (see `use_tile_norms`).
+
+    It normalises with `stats` (mean, var), each (B, groups), when given, else with the tile's
+    own statistics; with a `weight` it also sets `record` to its input's statistics weighted by
+    `weight` (the tile's blend weights at the largest resolution the model sees, (H, W),
+    average-pooled to the layer's): (weight sum, mean, sum of weighted squared deviations),
+    each (B, groups), so that tiles merge exactly (`combine_stats`). Computes in float32 and
+    returns the input's dtype, with the GroupNorm's own scale, bias and epsilon.
+    """
+
+    def __init__(self, norm: GroupNorm, weight: jax.Array | None, stats: tuple[Any, Any] | None):
+        self.norm = norm
+        self.weight = nnx.data(weight)
+        self.stats = nnx.data(stats)
+        self.record: Record | None = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        groups = self.norm.num_groups
+        xg = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
+        if self.weight is not None:
+            pool = self.weight.shape[0] // h
+            weight = self.weight.reshape(h, pool, w, pool).mean((1, 3))[None, :, :, None, None]
+            weight_sum = weight.sum() * (c // groups)
+            tile_mean = (xg * weight).sum((1, 2, 4)) / weight_sum
+            deviation = ((xg - tile_mean[:, None, None, :, None]) ** 2 * weight).sum((1, 2, 4))
+            self.record = (jnp.broadcast_to(weight_sum, tile_mean.shape), tile_mean, deviation)
+        if self.stats is None:
+            mean = xg.mean((1, 2, 4))
+            var = ((xg - mean[:, None, None, :, None]) ** 2).mean((1, 2, 4))
+        else:
+            mean, var = self.stats
+        y = (xg - mean[:, None, None, :, None]) * jax.lax.rsqrt(var + self.norm.epsilon)[:, None, None, :, None]
+        return (y.reshape(b, h, w, c) * self.norm.scale[...] + self.norm.bias[...]).astype(x.dtype)
+
+
+def use_tile_norms(model: nnx.Module, weight: jax.Array | None, stats: Stats | None) -> dict[str, TileGroupNorm]:
+    """Replaces, in place, every `GroupNorm` of `model` by a `TileGroupNorm` normalising with
+    `stats[path]` (when `stats` has the path) and recording with `weight`. Returns them by path
+    ("decoder/up/0/block/1/norm2"): after the model ran, those it called hold their `record`."""
+    replaced = {}
+    for path, module in list(nnx.iter_modules(model)):
+        if isinstance(module, GroupNorm):
+            parent = model
+            for key in path[:-1]:
+                parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+            name = "/".join(map(str, path))
+            replaced[name] = TileGroupNorm(module, weight, (stats or {}).get(name))
+            setattr(parent, path[-1], replaced[name])
+    return replaced
+
+
+def tile_passes(graphdef: Any, method: Callable[[nnx.Module, jax.Array], jax.Array]) -> tuple[Callable, Callable]:
+    """(record, apply) for `tiled_apply`, both jitted functions of (params, x_tile, weight, stats)
+    running `method(model, x_tile)` with tile GroupNorms (`use_tile_norms`): `record` returns
+    the records of the GroupNorms `method` calls, by path; `apply` returns its output."""
+
+    def run(params, x, weight, stats):
+        model = nnx.merge(graphdef, params)
+        norms = use_tile_norms(model, weight, stats)
+        out = method(model, x)
+        return out, {name: norm.record for name, norm in norms.items() if norm.record is not None}
+
+    record = jax.jit(lambda params, x, weight, stats: run(params, x, weight, stats)[1])
+    apply = jax.jit(lambda params, x, weight, stats: run(params, x, weight, stats)[0])
+    return record, apply
+
+
+def combine_stats(records: list[dict[str, Record]]) -> Stats:
+    """Per GroupNorm path, the (mean, var) of the whole image from the tiles' weighted records
+    (`TileGroupNorm.record`, one dict per tile), merged in float64 (Chan et al.); float32."""
+    combined = {}
+    for name in records[0]:
+        n, means, m2 = (np.stack([np.asarray(tile[name][i], np.float64) for tile in records]) for i in range(3))
         total = n.sum(0)
         mean = (n * means).sum(0) / total
         var = (m2 + n * (means - mean) ** 2).sum(0) / total
-        combined.append((mean.astype(np.float32), var.astype(np.float32)))
+        combined[name] = (mean.astype(np.float32), var.astype(np.float32))
     return combined
 
 
@@ -158,7 +234,7 @@ def tiled_apply(
     the outputs ((B, t, t, C) -> (B, t*scale, t*scale, C')). `tile` and `overlap` are in x's
     pixels; tile * scale and every start * scale must be whole numbers.
 
-    With `record(x_tile, fine_weight, stats) -> records` (see `layers.SharedGroupStats`),
+    With `record(x_tile, fine_weight, stats) -> records` (see `tile_passes`),
     `stat_sweeps` sweeps record the tiles' GroupNorm statistics, each normalising with the
     merge of the previous one (the first with each tile's own), and the final sweep,
     `apply(x_tile, fine_weight, stats)`, normalises every tile with the last merge. Without

@@ -50,14 +50,15 @@ def test_merged_tile_statistics_are_the_whole_image_statistics():
     records = []
     for r, top in enumerate(rows.starts):
         for c, left in enumerate(cols.starts):
-            hook = layers.SharedGroupStats(jnp.asarray(np.outer(rows.fine_weights[r], cols.fine_weights[c])))
-            hook.normalize(norm, x[:, top : top + rows.tile, left : left + cols.tile])
-            records.append(hook.records)
-    (mean, var), = tiling.combine_stats(records)
+            weight = jnp.asarray(np.outer(rows.fine_weights[r], cols.fine_weights[c]))
+            tile_norm = tiling.TileGroupNorm(norm, weight, None)
+            tile_norm(x[:, top : top + rows.tile, left : left + cols.tile])
+            records.append({"norm": tile_norm.record})
+    (mean, var), = tiling.combine_stats(records).values()
     groups = np.asarray(x, np.float64).reshape(2, 40, 56, 4, 4)
     np.testing.assert_allclose(mean, groups.mean((1, 2, 4)), rtol=1e-5)
     np.testing.assert_allclose(var, groups.var((1, 2, 4)), rtol=1e-5)
-    shared = layers.SharedGroupStats(None, [(jnp.asarray(mean), jnp.asarray(var))]).normalize(norm, x)
+    shared = tiling.TileGroupNorm(norm, None, (jnp.asarray(mean), jnp.asarray(var)))(x)
     np.testing.assert_allclose(np.asarray(shared), np.asarray(norm(x)), atol=2e-5)
 
 
@@ -132,3 +133,24 @@ def test_untiled_below_the_threshold_is_the_plain_function(photo_codec):
         np.testing.assert_allclose(np.asarray(codec.encode(small)), np.asarray(expected), atol=1e-5)
     with pytest.raises(ValueError, match="channels last"):
         codec.with_tiling("always", size=64, overlap=16).encode(np.zeros((1, 3, 256, 256), np.float32))
+
+
+def test_tile_records_are_keyed_by_the_group_norms_the_tiled_part_calls(photo_codec):
+    """The statistics travel in and out of the tiled pass explicitly, by module path: the
+    decoder's local part records its up levels and norm_out, not the mid block it leaves to the
+    global pass, and statistics given for a path are the ones that path normalises with."""
+    codec, _ = photo_codec
+    record, apply = tiling.tile_passes(codec.graphdef, lambda m, h: m.decode_from_bottleneck(h))
+    channels = codec.config.model.ch * codec.config.model.ch_mult[-1]
+    h = jnp.asarray(np.random.default_rng(1).normal(size=(1, 16, 16, channels)), jnp.float32)
+    weight = jnp.ones((16 * codec.config.model.downsample_factor,) * 2)
+    records = record(codec.params, h, weight, None)
+    model = nnx.merge(codec.graphdef, codec.params)
+    norms = {"/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, layers.GroupNorm)}
+    expected = {n for n in norms if n.startswith("decoder/") and not n.startswith("decoder/mid/")}
+    assert set(records) == expected and "decoder/norm_out" in expected
+    own = apply(codec.params, h, None, None)
+    stats = tiling.combine_stats([records])
+    np.testing.assert_allclose(np.asarray(apply(codec.params, h, None, stats)), np.asarray(own), atol=1e-4)
+    shifted = dict(stats, **{"decoder/norm_out": (stats["decoder/norm_out"][0] + 1, stats["decoder/norm_out"][1])})
+    assert np.abs(np.asarray(apply(codec.params, h, None, shifted)) - np.asarray(own)).max() > 1e-2

@@ -7,10 +7,6 @@ Parameters are float32; `dtype` is the compute dtype. GroupNorm always computes 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,57 +14,6 @@ from flax import nnx
 from sigmavae_jax.kernels import Kernels
 
 Dtype = jnp.dtype | type
-
-
-@dataclasses.dataclass
-class SharedGroupStats:
-    """Lets tiles of one image normalise with the image's GroupNorm statistics.
-
-    While active (see `shared_group_stats`), every GroupNorm call, in call order, normalises
-    with `stats[i]` (mean, var), each (B, groups), when given, else with its own statistics,
-    and records its input's statistics weighted by `weight` (the tile's blend weights at the
-    largest resolution, average-pooled to the layer's): (weight sum, mean, sum of weighted
-    squared deviations), each (B, groups), so tiles combine exactly (Chan et al.).
-    """
-
-    weight: jax.Array | None  # (H, W) at the largest resolution the model sees; None: no records
-    stats: list[tuple[jax.Array, jax.Array]] | None = None
-    records: list[tuple[jax.Array, jax.Array, jax.Array]] = dataclasses.field(default_factory=list)
-    calls: int = 0
-
-    def normalize(self, norm: "GroupNorm", x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        groups = norm.num_groups
-        xg = x.reshape(b, h, w, groups, c // groups)
-        index = self.calls
-        self.calls += 1
-        if self.weight is not None:
-            pool = self.weight.shape[0] // h
-            weight = self.weight.reshape(h, pool, w, pool).mean((1, 3))[None, :, :, None, None]
-            weight_sum = weight.sum() * (c // groups)
-            tile_mean = (xg * weight).sum((1, 2, 4)) / weight_sum
-            deviation = ((xg - tile_mean[:, None, None, :, None]) ** 2 * weight).sum((1, 2, 4))
-            self.records.append((jnp.broadcast_to(weight_sum, tile_mean.shape), tile_mean, deviation))
-        if self.stats is None:
-            mean = xg.mean((1, 2, 4))
-            var = ((xg - mean[:, None, None, :, None]) ** 2).mean((1, 2, 4))
-        else:
-            mean, var = self.stats[index]
-        y = (xg - mean[:, None, None, :, None]) * jax.lax.rsqrt(var + norm.epsilon)[:, None, None, :, None]
-        return y.reshape(b, h, w, c) * norm.scale[...] + norm.bias[...]
-
-
-_shared_stats: contextvars.ContextVar[SharedGroupStats | None] = contextvars.ContextVar("shared_group_stats", default=None)
-
-
-@contextlib.contextmanager
-def shared_group_stats(hook: SharedGroupStats):
-    """Within this block (while tracing), GroupNorms normalise and record through `hook`."""
-    token = _shared_stats.set(hook)
-    try:
-        yield hook
-    finally:
-        _shared_stats.reset(token)
 
 
 class GroupNorm(nnx.GroupNorm):
@@ -91,9 +36,6 @@ class GroupNorm(nnx.GroupNorm):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hook = _shared_stats.get()
-        if hook is not None:
-            return hook.normalize(self, x.astype(jnp.float32)).astype(x.dtype)
         return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
 
 
