@@ -154,9 +154,8 @@ class FrozenConv(nnx.Module):
 def _conv_as_matmul(x: jax.Array, kernel: jax.Array, precision: Precision) -> jax.Array:
     """A 'same' k x k conv as one matmul over the k*k shifted copies of x (im2col).
 
-    Used for maps with a side of 1 or 2 (relu5_3 of a 32x32 image), where XLA's CPU
-    convolution takes a slow path (figures in docs/performance.md), and which are too small
-    for the copies to cost anything on any backend.
+    Used for maps with a side of 1 or 2 (relu5_3 of a 32x32 image), whose k*k copies are too
+    small to cost anything; docs/performance.md says why such maps are not direct convolutions.
     """
     k = kernel.shape[0]
     b, h, w, c = x.shape
