@@ -1,15 +1,17 @@
-"""The evaluation loop: data -> encode/decode -> metrics merged over
-devices and processes -> report. `evaluate(...)` is what eval.py calls.
+"""The evaluation modes and the one batch loop they share: data -> encode/decode -> per-image
+values -> float64 sums merged over processes -> report. `evaluate(...)` (reconstruction metrics)
+is what eval.py runs by default; `latent_statistics`, `robustness` and `latent_figure_data` are
+its other modes.
 
-Per batch, one compiled function returns each image's PSNR, SSIM and LPIPS and, for rFID, the
-Inception features of the original and the reconstruction. Every process takes its own real
-rows of them (the padding rows of a last, partial batch are dropped) and adds them up in
-float64: the metric sums, and for rFID the feature sums and sums of outer products. At the end
-those float64 sums are added over the processes, once, in process order. So the merge adds
-nothing but float64 rounding (about 1e-16 relatively): several hosts give what one host gives
-when the model computes each image alike. (XLA may round an image's float32 values differently
-when a device holds a different number of rows, by about 1e-7 relatively; and a sampled
-posterior draws its noise per batch, so its figures depend on how images fall into batches.)
+Every mode is a compiled per-batch function that returns per-image values (first axis: the batch)
+and a host-side part that uses them. `_EvalLoop` runs it: per batch, every process takes its own
+real rows of those values (the padding rows of a last, partial batch are dropped) and adds them up
+in float64: the metric sums, and for rFID the feature sums and sums of outer products. At the end
+those float64 sums are added over the processes, once, in process order. So the merge adds nothing
+but float64 rounding: several hosts give what one host gives when the model computes each image
+alike. (XLA may round an image's float32 values differently when a device holds a different number
+of rows; and a sampled posterior draws its noise per batch, so its figures depend on how images
+fall into batches.)
 
 With several processes every process reads its own share of the images (`data.eval_batches`),
 all of them run the same number of batches (a process whose share has run out runs pure
@@ -22,6 +24,7 @@ import dataclasses
 import io
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -52,25 +55,135 @@ class EvalSettings:
     save_reconstructions: int = 0  # write this many original | reconstruction pairs as PNG
 
 
-def _batch_function(codec: Codec, settings: EvalSettings, lpips_graph, inception_graph):
-    """(params, lpips vars, inception vars, images, key) -> (per-image values, x_hat): PSNR, SSIM
-    (B,), LPIPS (B,) with an LPIPS, and the Inception features "real", "fake" (B, 2048) with an
-    Inception. Padding rows are computed like the others (and may hold inf); the host drops them."""
+# (replicated variables, global images (B, H, W, 3), key) -> per-image values, each with first axis B
+BatchValues = Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]
 
-    def batch_values(params, lpips_vars, inception_vars, images, key):
+
+def _mesh_and_local_batch(settings: EvalSettings):
+    """The (data, fsdp) mesh over every device, and this process's share of the batch. Raises
+    ValueError unless settings.batch_size is a multiple of the device count."""
+    mesh = parallel.make_mesh(-1, 1)
+    if settings.batch_size % mesh.size:
+        raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
+    return mesh, settings.batch_size // jax.process_count()
+
+
+def _eval_batches(cfg: Config, settings: EvalSettings, local_batch: int) -> data.EvalIterator:
+    return data.eval_batches(cfg, size=settings.size, batch_size=local_batch, process_index=jax.process_index(),
+                             process_count=jax.process_count(), limit=settings.num_images)
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in the order they were given."""
+    shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+def _merged_skips(report: dict[str, Any]) -> dict[str, Any]:
+    """The unreadable-image reports of all processes as one (files in process order)."""
+    if jax.process_count() == 1:
+        return report
+    files = list(dict.fromkeys(name for one in parallel.gather_json(report) for name in one["files"]))
+    return {"skipped": len(files), "files": files}
+
+
+class _Batch:
+    """One batch as this process sees it: `images`, its real rows (count, H, W, 3), float32 in
+    [-1, 1]; `count`; and `batch[name]`, its real rows of the per-image output `name` as a numpy
+    array. An output is copied from the devices when it is first asked for, so one that is read
+    only now and then (a reconstruction, for a few PNGs) stays on them otherwise."""
+
+    def __init__(self, images: np.ndarray, count: int, values: dict[str, jax.Array]):
+        self.images, self.count = images[:count], count
+        self._values = values
+        self._rows: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._rows:
+            self._rows[name] = _local_rows(self._values[name])[: self.count]  # padding rows dropped
+        return self._rows[name]
+
+
+class _EvalLoop:
+    """The batch loop of every mode. `batch_values` is compiled once, its outputs split over the
+    devices like the batch; `variables` (any pytree, e.g. a tuple of the model's and the metric
+    networks' variables) are replicated onto every device once. Iterating (once: the data reader
+    closes at the end) gives one `_Batch` per batch of this process's share of cfg.data, in order;
+    batch i runs with the key
+    `fold_in(key(settings.seed), i)`. Padding rows are computed like the others (and may hold inf)
+    but never reach the caller. Every process runs the same number of batches; the progress bar
+    shows on process 0 alone, and only with `progress`. Raises ValueError when settings.batch_size
+    is not a multiple of the device count."""
+
+    def __init__(self, cfg: Config, settings: EvalSettings, batch_values: BatchValues, variables: Any, *,
+                 progress: bool = True):
+        self._mesh, local_batch = _mesh_and_local_batch(settings)
+        self._step = jax.jit(batch_values, out_shardings=parallel.batch_sharding(self._mesh))
+        self._variables = jax.device_put(variables, parallel.replicated(self._mesh))
+        self._seed = settings.seed
+        self._batches = _eval_batches(cfg, settings, local_batch)
+        self._bar = tqdm(total=len(self._batches), unit="batch", dynamic_ncols=True,
+                         disable=not (progress and jax.process_index() == 0))
+
+    def __iter__(self) -> Iterator[_Batch]:
+        key = jax.random.key(self._seed)
+        with self._batches, self._bar:
+            for index, (images, count) in enumerate(self._batches):
+                values = self._step(self._variables, parallel.global_batch(images, self._mesh),
+                                    jax.random.fold_in(key, index))
+                yield _Batch(images, count, values)
+                self._bar.update(1)
+
+    def show(self, **postfix: Any) -> None:
+        """Shows `postfix` (running figures) beside the progress bar."""
+        self._bar.set_postfix(postfix)
+
+    def skipped(self) -> dict[str, Any]:
+        """{"skipped": number of unreadable files, "files": their names}, over all processes (in
+        process order; every process gets the same). With several processes every one must call it."""
+        return _merged_skips(self._batches.skipped())
+
+
+def _add_rows(totals: dict[str, Any], batch: _Batch, names: Iterable[str]) -> None:
+    """Adds to `totals` the batch's image count ("count") and, per name, its rows summed over the
+    images in float64 (an array of one image's shape)."""
+    totals["count"] = totals.get("count", 0.0) + batch.count
+    for name in names:
+        totals[name] = totals.get(name, 0.0) + np.sum(batch[name], axis=0, dtype=np.float64)
+
+
+def _merged_row_sums(loop: _EvalLoop, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """`_add_rows` over every batch of `loop`, then summed over the processes (the same on each)."""
+    totals: dict[str, Any] = {"count": 0.0}
+    for batch in loop:
+        _add_rows(totals, batch, names)
+    return sum_over_processes(totals)
+
+
+def _latent(model, settings: EvalSettings, images: jax.Array, key: jax.Array) -> jax.Array:
+    """The latent the settings ask for: a posterior sample (settings.sample_posterior) or the mode."""
+    posterior = model.posterior(images)
+    return posterior.sample(key) if settings.sample_posterior else posterior.mode()
+
+
+def _metric_values(codec: Codec, settings: EvalSettings, lpips_graph, inception_graph) -> BatchValues:
+    """((params, lpips vars, inception vars), images, key) -> per-image "psnr", "ssim" (B,), "lpips"
+    (B,) with an LPIPS, the Inception features "real", "fake" (B, 2048) with an Inception, and the
+    reconstruction "x_hat" (B, H, W, 3)."""
+
+    def batch_values(variables, images, key):
+        params, lpips_vars, inception_vars = variables
         model = nnx.merge(codec.graphdef, params)
-        posterior = model.posterior(images)
-        z = posterior.sample(key) if settings.sample_posterior else posterior.mode()
-        x_hat = model.decode(z)
+        x_hat = model.decode(_latent(model, settings, images, key))
         a01, b01 = metrics.to_unit_range(images), metrics.to_unit_range(x_hat)
-        values = {"psnr": metrics.psnr(a01, b01), "ssim": metrics.ssim(a01, b01)}
+        values = {"psnr": metrics.psnr(a01, b01), "ssim": metrics.ssim(a01, b01), "x_hat": x_hat}
         if lpips_graph is not None:  # inputs in [-1, 1], reconstruction not clamped
             values["lpips"] = nnx.merge(lpips_graph, lpips_vars)(images, x_hat)
         if inception_graph is not None:
             inception = nnx.merge(inception_graph, inception_vars)
             for name, x01 in (("real", a01), ("fake", b01)):
                 values[name] = inception(metrics.quantize_uint8(x01, settings.fid_rounding)).astype(jnp.float32)
-        return values, x_hat
+        return values
 
     return batch_values
 
@@ -131,14 +244,6 @@ def sum_over_processes(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _merged_skips(report: dict[str, Any]) -> dict[str, Any]:
-    """The unreadable-image reports of all processes as one (files in process order)."""
-    if jax.process_count() == 1:
-        return report
-    files = list(dict.fromkeys(name for one in parallel.gather_json(report) for name in one["files"]))
-    return {"skipped": len(files), "files": files}
-
-
 def evaluate(
     codec: Codec,
     cfg: Config,
@@ -157,51 +262,31 @@ def evaluate(
     originals' Inception statistics (mu, sigma, count, settings), read if it exists and
     written otherwise. out_dir receives eval.json and the reconstruction PNGs. Both paths may be
     local or gs://. Returns the report dict, the same on every process; only process 0 writes
-    files (with several processes, its PNGs show the first images of its own share).
+    files (with several processes, its PNGs show the first images of its own share). Raises
+    ValueError when no image is readable or the batch size does not split over the devices.
     """
-    mesh = parallel.make_mesh(-1, 1)
-    processes, writer = jax.process_count(), jax.process_index() == 0
-    if settings.batch_size % mesh.size:
-        raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
+    writer = jax.process_index() == 0
     reference_stats = storage.reachable(reference_stats) if reference_stats is not None else None
     out_dir = storage.reachable(out_dir) if out_dir is not None else None
-    local_batch = settings.batch_size // processes
     lpips_graph, lpips_vars = _graph_and_variables(lpips)
     inception_graph, inception_vars = _graph_and_variables(inception)
-    replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))  # noqa: E731
-    step = jax.jit(
-        _batch_function(codec, settings, lpips_graph, inception_graph),
-        out_shardings=parallel.batch_sharding(mesh),
-    )
-    params, lpips_vars, inception_vars = replicate(codec.params), replicate(lpips_vars), replicate(inception_vars)
-
-    batches = _eval_batches(cfg, settings, local_batch)
-    totals = {"count": 0.0, "psnr": 0.0, "ssim": 0.0, **({"lpips": 0.0} if lpips is not None else {})}
+    loop = _EvalLoop(cfg, settings, _metric_values(codec, settings, lpips_graph, inception_graph),
+                     (codec.params, lpips_vars, inception_vars), progress=progress)
+    names = ("psnr", "ssim", "lpips") if lpips is not None else ("psnr", "ssim")
+    sums: dict[str, Any] = {"count": 0.0}
     features = {"real": _FeatureSums(), "fake": _FeatureSums()} if inception is not None else {}
     saved = 0
-    key = jax.random.key(settings.seed)
-    bar = tqdm(total=len(batches), unit="batch", disable=not (progress and writer), dynamic_ncols=True)
-    with batches:
-        for index, (images, count) in enumerate(batches):
-            values, x_hat = step(params, lpips_vars, inception_vars, parallel.global_batch(images, mesh),
-                                 jax.random.fold_in(key, index))
-            rows = {name: _local_rows(value)[:count] for name, value in values.items()}  # this process's real rows
-            totals["count"] += count
-            for name in ("psnr", "ssim", "lpips"):
-                if name in totals:
-                    totals[name] += float(np.sum(rows[name], dtype=np.float64))
-            for name, sums in features.items():
-                sums.add(rows[name])
-            if out_dir is not None and saved < settings.save_reconstructions and writer:
-                take = min(count, settings.save_reconstructions - saved)
-                local = _local_rows(x_hat)[:take]
-                for i in range(take):
-                    viz.save_png(out_dir / "reconstructions" / f"{saved + i:05d}.png", viz.reconstruction_grid([images[i : i + 1], local[i : i + 1]]))
-                saved += take
-            bar.update(1)
-            bar.set_postfix(images=int(totals["count"]), psnr=f"{totals['psnr'] / max(totals['count'], 1):.2f}")
-    bar.close()
-    sums = {name: np.float64(value) for name, value in totals.items()}
+    for batch in loop:
+        _add_rows(sums, batch, names)
+        for name, feature_sums in features.items():
+            feature_sums.add(batch[name])
+        if out_dir is not None and writer and saved < settings.save_reconstructions:
+            take = min(batch.count, settings.save_reconstructions - saved)
+            for i in range(take):
+                grid = viz.reconstruction_grid([batch.images[i : i + 1], batch["x_hat"][i : i + 1]])
+                viz.save_png(out_dir / "reconstructions" / f"{saved + i:05d}.png", grid)
+            saved += take
+        loop.show(images=int(sums["count"]), psnr=f"{sums['psnr'] / max(sums['count'], 1):.2f}")
     for name, feature_sums in features.items():
         stats = feature_sums.flush()
         sums[f"{name}_total"], sums[f"{name}_outer"] = stats.total, stats.outer
@@ -217,15 +302,17 @@ def evaluate(
         "rfid": None,
         "settings": dataclasses.asdict(settings),
         "data": cfg.data.model_dump(mode="json") if cfg.data else None,
-        "skipped_images": _merged_skips(batches.skipped()),
+        "skipped_images": loop.skipped(),
     }
     if inception is not None:
-        real, fake = (metrics.FeatureStats(FEATURE_DIM).add(count, sums[f"{n}_total"], sums[f"{n}_outer"]) for n in ("real", "fake"))
+        real, fake = (metrics.FeatureStats(FEATURE_DIM).add(count, sums[f"{n}_total"], sums[f"{n}_outer"])
+                      for n in ("real", "fake"))
         mu_real, sigma_real = _reference(real, reference_stats, settings)
         mu_fake, sigma_fake = fake.mean_cov()
         report["rfid"] = metrics.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
     if out_dir is not None and writer:
-        storage.write_bytes_atomically(out_dir / "eval.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+        text = json.dumps(report, indent=2, default=str) + "\n"
+        storage.write_bytes_atomically(out_dir / "eval.json", text.encode())
     return report
 
 
@@ -251,49 +338,27 @@ def _reference(real: metrics.FeatureStats, path: storage.Path | None, settings: 
 def markdown_row(name: str, report: dict[str, Any]) -> str:
     """A row of the reference table: | model | rFID | PSNR | SSIM | LPIPS |."""
     show = lambda value, digits: "n/a" if value is None else f"{value:.{digits}f}"  # noqa: E731
-    return f"| {name} | {show(report['rfid'], 3)} | {show(report['psnr'], 3)} | {show(report['ssim'], 3)} | {show(report['lpips'], 3)} |"
-
-
-def _mesh_and_local_batch(settings: EvalSettings):
-    """The (data, fsdp) mesh over every device, and this process's share of the batch."""
-    mesh = parallel.make_mesh(-1, 1)
-    if settings.batch_size % mesh.size:
-        raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
-    return mesh, settings.batch_size // jax.process_count()
-
-
-def _eval_batches(cfg: Config, settings: EvalSettings, local_batch: int) -> data.EvalIterator:
-    return data.eval_batches(cfg, size=settings.size, batch_size=local_batch, process_index=jax.process_index(),
-                             process_count=jax.process_count(), limit=settings.num_images)
+    return f"| {name} | " + " | ".join(show(report[key], 3) for key in ("rfid", "psnr", "ssim", "lpips")) + " |"
 
 
 def latent_statistics(codec: Codec, cfg: Config, settings: EvalSettings, *, progress: bool = True) -> dict[str, Any]:
     """Per-channel and global mean/std of the latents (the posterior mode, or a sample with
     settings.sample_posterior) over cfg.data, and the factors a diffusion model would use:
     shift_factor = global mean, scaling_factor = 1 / global std (so (z - shift) * scale has
-    zero mean and unit variance)."""
-    mesh, local_batch = _mesh_and_local_batch(settings)
+    zero mean and unit variance; None when the std is 0). Returns {"positions": int,
+    "channel_mean", "channel_std": lists of C floats, "mean", "std", "shift_factor",
+    "scaling_factor"}, the same on every process. Raises ValueError when no image is readable."""
 
-    @jax.jit
-    def sums(params, images, mask, key):
-        model = nnx.merge(codec.graphdef, params)
-        posterior = model.posterior(images)
-        z = (posterior.sample(key) if settings.sample_posterior else posterior.mode()).astype(jnp.float32)
-        z = jnp.where(mask[:, None, None, None] > 0, z, 0.0)
-        positions = jnp.sum(mask) * z.shape[1] * z.shape[2]
-        return positions, jnp.sum(z, axis=(0, 1, 2)), jnp.sum(z * z, axis=(0, 1, 2))
+    def batch_values(params, images, key):
+        z = _latent(nnx.merge(codec.graphdef, params), settings, images, key).astype(jnp.float32)  # (B, h, w, C)
+        return {"positions": jnp.full(z.shape[:1], z.shape[1] * z.shape[2], jnp.int32),
+                "sum": jnp.sum(z, axis=(1, 2)), "squares": jnp.sum(z * z, axis=(1, 2))}
 
-    params = jax.device_put(codec.params, parallel.replicated(mesh))
-    batches = _eval_batches(cfg, settings, local_batch)
-    count, total, squares = 0.0, 0.0, 0.0
-    key = jax.random.key(settings.seed)
-    with batches:
-        for index, (images, n) in enumerate(tqdm(batches, unit="batch", disable=not (progress and jax.process_index() == 0))):
-            mask = (np.arange(local_batch) < n).astype(np.float32)
-            c, s, q = jax.device_get(sums(params, parallel.global_batch(images, mesh), parallel.global_batch(mask, mesh), jax.random.fold_in(key, index)))
-            count, total, squares = count + float(c), total + np.asarray(s, np.float64), squares + np.asarray(q, np.float64)
-    if count == 0:
+    sums = _merged_row_sums(_EvalLoop(cfg, settings, batch_values, codec.params, progress=progress),
+                            ("positions", "sum", "squares"))
+    if sums["count"] == 0:
         raise ValueError("no readable image in the data")
+    count, total, squares = float(sums["positions"]), sums["sum"], sums["squares"]
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     global_mean = float(total.sum() / (count * total.size))
@@ -312,59 +377,59 @@ def latent_statistics(codec: Codec, cfg: Config, settings: EvalSettings, *, prog
 ROBUSTNESS_SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
+def _robustness_values(codec: Codec, sigmas, lpips_graph) -> BatchValues:
+    """((params, lpips vars), images, key) -> per-image "psnr" and, with an LPIPS, "lpips", each
+    (B, len(sigmas)): column j scores the decoding of z + sigmas[j] * std(z) * eps. Each image is
+    encoded once; eps ~ N(0, I) is drawn once from `key` and used at every sigma."""
+    levels = np.asarray(sigmas, np.float32)
+
+    def batch_values(variables, images, key):
+        params, lpips_vars = variables
+        model = nnx.merge(codec.graphdef, params)
+        z = model.encode(images)  # (B, h, w, c), the posterior mode
+        scale = jnp.std(z, axis=(1, 2, 3), keepdims=True)
+        eps = jax.random.normal(key, z.shape, z.dtype)
+
+        def scores(sigma):
+            x_hat = model.decode(z + sigma * scale * eps)
+            values = {"psnr": metrics.psnr(metrics.to_unit_range(images), metrics.to_unit_range(x_hat))}
+            if lpips_graph is not None:
+                values["lpips"] = nnx.merge(lpips_graph, lpips_vars)(images, x_hat)
+            return values
+
+        # lax.map decodes one sigma at a time: the memory of one decoding, however many sigmas
+        per_sigma = jax.lax.map(scores, jnp.asarray(levels))  # each (len(sigmas), B)
+        return {name: value.T for name, value in per_sigma.items()}
+
+    return batch_values
+
+
 def robustness(
     codec: Codec, cfg: Config, settings: EvalSettings, *, sigmas=ROBUSTNESS_SIGMAS, lpips=None, progress: bool = True
 ) -> list[dict[str, float]]:
     """How gracefully the decoder degrades under latent noise: decode z + sigma * std(z) * eps
-    (z the posterior mode, std(z) the standard deviation of each image's latent, eps ~ N(0, I))
-    for every sigma, and average PSNR (and LPIPS) of the decodings against the originals.
-    Returns [{"sigma", "psnr", "lpips"}] in the order of `sigmas`."""
-    mesh, local_batch = _mesh_and_local_batch(settings)
+    (z the posterior mode, std(z) the standard deviation of each image's latent, eps ~ N(0, I),
+    one draw per batch shared by every sigma) for every sigma, and average PSNR (and LPIPS) of
+    the decodings against the originals, summed in float64 and merged over processes.
+    Returns [{"sigma", "psnr", "lpips" (None without an LPIPS)}] in the order of `sigmas`, the
+    same on every process. Raises ValueError when no image is readable."""
     lpips_graph, lpips_vars = _graph_and_variables(lpips)
-
-    @jax.jit
-    def sums(params, lpips_vars, images, mask, sigma, key):
-        model = nnx.merge(codec.graphdef, params)
-        z = model.encode(images)  # (B, h, w, c)
-        scale = jnp.std(z, axis=(1, 2, 3), keepdims=True)
-        x_hat = model.decode(z + sigma * scale * jax.random.normal(key, z.shape, z.dtype))
-        real = mask > 0
-        out = {"psnr": jnp.sum(jnp.where(real, metrics.psnr(metrics.to_unit_range(images), metrics.to_unit_range(x_hat)), 0.0))}
-        if lpips_graph is not None:
-            out["lpips"] = jnp.sum(jnp.where(real, nnx.merge(lpips_graph, lpips_vars)(images, x_hat), 0.0))
-        return out
-
-    params = jax.device_put(codec.params, parallel.replicated(mesh))
-    lpips_vars = jax.device_put(lpips_vars, parallel.replicated(mesh))
-    batches = _eval_batches(cfg, settings, local_batch)
-    totals = [{"psnr": 0.0, "lpips": 0.0} for _ in sigmas]
-    count = 0
-    key = jax.random.key(settings.seed)
-    with batches:
-        for index, (images, n) in enumerate(tqdm(batches, unit="batch", disable=not (progress and jax.process_index() == 0))):
-            mask = (np.arange(local_batch) < n).astype(np.float32)
-            images_global, mask_global = parallel.global_batch(images, mesh), parallel.global_batch(mask, mesh)
-            count += int(round(float(jnp.sum(mask_global))))
-            for i, sigma in enumerate(sigmas):
-                batch_sums = jax.device_get(sums(params, lpips_vars, images_global, mask_global, jnp.float32(sigma), jax.random.fold_in(key, index)))
-                for name, value in batch_sums.items():
-                    totals[i][name] += float(value)
+    loop = _EvalLoop(cfg, settings, _robustness_values(codec, sigmas, lpips_graph), (codec.params, lpips_vars),
+                     progress=progress)
+    sums = _merged_row_sums(loop, ("psnr", "lpips") if lpips is not None else ("psnr",))
+    count = float(sums["count"])
     if count == 0:
         raise ValueError("no readable image in the data")
     return [
-        {"sigma": float(sigma), "psnr": t["psnr"] / count, "lpips": t["lpips"] / count if lpips is not None else None}
-        for sigma, t in zip(sigmas, totals)
+        {"sigma": float(sigma), "psnr": float(sums["psnr"][i]) / count,
+         "lpips": float(sums["lpips"][i]) / count if lpips is not None else None}
+        for i, sigma in enumerate(sigmas)
     ]
 
 
-def _local_rows(array: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in the order they were given."""
-    shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
-    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
-
-
 def latent_figure_data(
-    codec: Codec, cfg: Config, settings: EvalSettings, *, num_shown: int = 4, max_values: int = 100_000, progress: bool = True
+    codec: Codec, cfg: Config, settings: EvalSettings, *, num_shown: int = 4, max_values: int = 100_000,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """What the latent figures need from one model over cfg.data (the latent is the posterior
     mode, or a sample with settings.sample_posterior, unscaled):
@@ -374,41 +439,35 @@ def latent_figure_data(
     positions drawn uniformly without replacement over all images (all of them when there are
     no more than max_values; reservoir sampling, settings.seed), for `viz.latent_histogram_figure`;
     "positions": how many latent positions were seen. With several processes each one samples
-    its own images."""
+    its own images. Raises ValueError when num_shown or max_values is below 1 or no image is
+    readable."""
     if num_shown < 1 or max_values < 1:
         raise ValueError(f"num_shown={num_shown} and max_values={max_values} must both be at least 1")
-    mesh, local_batch = _mesh_and_local_batch(settings)
 
-    @jax.jit
-    def encode(params, images, key):
-        posterior = nnx.merge(codec.graphdef, params).posterior(images)
-        return posterior.sample(key) if settings.sample_posterior else posterior.mode()
+    def batch_values(params, images, key):
+        return {"z": _latent(nnx.merge(codec.graphdef, params), settings, images, key)}
 
-    params = jax.device_put(codec.params, parallel.replicated(mesh))
     rng = np.random.default_rng(settings.seed)
     shown: dict[str, list[np.ndarray]] = {"images": [], "reconstructions": [], "latents": []}
     reservoir, seen = None, 0
-    key = jax.random.key(settings.seed)
-    batches = _eval_batches(cfg, settings, local_batch)
-    with batches:
-        for index, (images, n) in enumerate(tqdm(batches, unit="batch", disable=not (progress and jax.process_index() == 0))):
-            z = _local_rows(encode(params, parallel.global_batch(images, mesh), jax.random.fold_in(key, index)))[:n]
-            have = sum(len(a) for a in shown["images"])
-            if have < num_shown:
-                take = min(num_shown - have, n)
-                shown["images"].append(images[:take])
-                shown["reconstructions"].append(np.asarray(codec.decode(z[:take]), np.float32))  # only these are decoded
-                shown["latents"].append(z[:take].astype(np.float32))
-            rows = z.reshape(-1, z.shape[-1])
-            if reservoir is None:
-                reservoir = np.empty((max_values, rows.shape[1]), np.float32)
-            fill = min(max(max_values - seen, 0), len(rows))  # the reservoir's free places
-            reservoir[seen : seen + fill] = rows[:fill]
-            if fill < len(rows):  # row i (0-based over all rows) replaces a uniform slot with probability max_values/(i+1)
-                slots = rng.integers(0, np.arange(seen + fill, seen + len(rows)) + 1)
-                keep = slots < max_values
-                reservoir[slots[keep]] = rows[fill:][keep]
-            seen += len(rows)
+    for batch in _EvalLoop(cfg, settings, batch_values, codec.params, progress=progress):
+        z = batch["z"]
+        have = sum(len(a) for a in shown["images"])
+        if have < num_shown:
+            take = min(num_shown - have, batch.count)
+            shown["images"].append(batch.images[:take])
+            shown["reconstructions"].append(np.asarray(codec.decode(z[:take]), np.float32))  # only these are decoded
+            shown["latents"].append(z[:take].astype(np.float32))
+        rows = z.reshape(-1, z.shape[-1])
+        if reservoir is None:
+            reservoir = np.empty((max_values, rows.shape[1]), np.float32)
+        fill = min(max(max_values - seen, 0), len(rows))  # the reservoir's free places
+        reservoir[seen : seen + fill] = rows[:fill]
+        if fill < len(rows):  # row i (0-based over all rows) replaces a uniform slot with probability max_values/(i+1)
+            slots = rng.integers(0, np.arange(seen + fill, seen + len(rows)) + 1)
+            keep = slots < max_values
+            reservoir[slots[keep]] = rows[fill:][keep]
+        seen += len(rows)
     if seen == 0:
         raise ValueError("no readable image in the data")
     figure_data = {name: np.concatenate(parts) for name, parts in shown.items()}

