@@ -214,9 +214,13 @@ def test_eval_cli_mode_flags_are_aliases_and_contradictions_are_errors(capsys):
         assert eval_cli.parse_args([f"--{mode}"]).mode == eval_cli.parse_args(["--mode", mode]).mode == mode
         assert eval_cli.parse_args(["--mode", mode, f"--{mode}"]).mode == mode  # saying it twice is no contradiction
     assert eval_cli.parse_args([]).mode == "metrics"
+    assert eval_cli.parse_args(["--robustness", "--sigmas", "0,0.5"]).sigmas == [0.0, 0.5]
     for argv, named in ((["--mode", "figures", "--robustness"], ("--mode figures", "--robustness")),
                         (["--latent-stats", "--figures"], ("--latent-stats", "--figures")),
-                        (["--robustness", "--mode", "metrics"], ("--robustness", "--mode metrics"))):
+                        (["--robustness", "--mode", "metrics"], ("--robustness", "--mode metrics")),
+                        (["--compare", "y"], ("--compare", "--mode metrics")),
+                        (["--robustness", "--sigmas", "0,x"], ("--sigmas", "'0,x'")),
+                        (["--robustness", "--sigmas", "0,-1"], ("--sigmas", ">= 0"))):
         with pytest.raises(SystemExit) as exited:
             eval_cli.main(["--checkpoint", "x", *argv, "data.path=x"])
         assert exited.value.code == 2

@@ -137,9 +137,24 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     try:
         args.mode = chosen_mode(args.modes)
+        args.sigmas = noise_levels(args.sigmas)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
+    if args.compare and args.mode not in ("robustness", "figures"):
+        parser.exit(2, f"error: --compare draws further models in --mode robustness or figures, not --mode {args.mode}\n")
     return args
+
+
+def noise_levels(text: str) -> list[float]:
+    """--sigmas "0,0.1,0.5" -> [0.0, 0.1, 0.5]. Raises ValueError naming the value unless every
+    level is a number >= 0."""
+    try:
+        levels = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--sigmas {text!r}: give comma-separated numbers, e.g. 0,0.05,0.1,0.2,0.5,1.0") from None
+    if any(not level >= 0 for level in levels):
+        raise ValueError(f"--sigmas {text!r}: noise levels must be numbers >= 0")
+    return levels
 
 
 def resolve_export(checkpoint: str, ema: bool) -> storage.Path:
@@ -271,7 +286,7 @@ def robustness_mode(run: Run) -> None:
     from sigmavae_jax.evaluate import robustness
     from sigmavae_jax.models.lpips import load_lpips
 
-    sigmas = [float(v) for v in run.args.sigmas.split(",")]
+    sigmas = run.args.sigmas
     lpips = load_lpips(run.args.lpips_weights)
     curves = {name: robustness(codec, run.data_cfg, run.settings, sigmas=sigmas, lpips=lpips)
               for name, codec in run.models()}
