@@ -148,9 +148,10 @@ class TrainConfig(_Strict):
     trainable: tuple[str, ...] = ()
     ema_decay: float = pydantic.Field(0.9999, ge=0.0, lt=1.0)  # 0: no EMA kept
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    # What each ResnetBlock keeps for the backward pass: false, everything; true, its input only
-    # (the block is recomputed: least memory, ~10% more FLOPs); "convs", its input and its
-    # convolutions' outputs (GroupNorm and SiLU are recomputed: few extra FLOPs).
+    # What the autoencoder keeps for the backward pass: false, everything; true, the input of
+    # each recomputed unit only (a ResnetBlock or attention block with the Upsample or conv_in
+    # before it and the Downsample or output norm after it: least memory, ~20% more FLOPs);
+    # "convs", those inputs and the convolutions' outputs (GroupNorm and SiLU are recomputed).
     remat: bool | Literal["convs"] = False
     # How convolutions and the GAN's branches are computed (sigmavae_jax.kernels): "auto" picks
     # "cpu" when the mesh's devices are CPUs and "xla" otherwise (TPU, GPU); same maths either way.

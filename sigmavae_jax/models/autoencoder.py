@@ -6,6 +6,9 @@ Parameter paths mirror the LDM checkpoint keys: `encoder/down/0/block/1/conv2/ke
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,6 +26,64 @@ from sigmavae_jax.models.layers import (
 )
 
 
+Remat = bool | str  # False | True | "convs" (see config.TrainConfig.remat)
+# What a recomputed unit saves for its backward pass, besides its input.
+REMAT_POLICIES = {True: jax.checkpoint_policies.nothing_saveable, "convs": jax.checkpoint_policies.dots_saveable}
+
+# A step of a forward pass: (fn, module, kind); fn(module, x) -> x. kind says where a recomputed
+# unit may end: "block" (a ResnetBlock or AttnBlock), "lead" (a step whose output is bigger than
+# its input, an Upsample or conv_in: it joins the block after it), "tail" (a step whose output
+# is no bigger, a Downsample or the output head: it joins the block before it).
+Step = tuple[Callable[[Any, jax.Array], jax.Array], nnx.Module, str]
+
+
+def _call(module: nnx.Module, x: jax.Array) -> jax.Array:
+    return module(x)
+
+
+def _norm_silu(norm: nnx.Module, x: jax.Array) -> jax.Array:
+    return nnx.silu(norm(x))
+
+
+def block_step(module: nnx.Module) -> Step:
+    return (_call, module, "block")
+
+
+def check_remat(remat: Remat) -> None:
+    if remat and remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} unknown; use False, True or 'convs'")
+
+
+def remat_units(steps: list[Step]) -> list[list[Step]]:
+    """`steps` in recomputed units: each unit holds one block with the "lead" steps just before
+    it and the "tail" steps just after it, so that the backward pass keeps each unit's input,
+    the smaller side of every resampler, and recomputes the rest."""
+    units: list[list[Step]] = []
+    for step in steps:
+        kind = step[2]
+        if not units or (kind != "tail" and any(other[2] == "block" for other in units[-1])):
+            units.append([])
+        units[-1].append(step)
+    return units
+
+
+def _run_unit(fns: tuple[Callable, ...], modules: tuple[nnx.Module, ...], x: jax.Array) -> jax.Array:
+    for fn, module in zip(fns, modules):
+        x = fn(module, x)
+    return x
+
+
+def run_steps(steps: list[Step], x: jax.Array, remat: Remat = False) -> jax.Array:
+    """The steps in order; with `remat`, in `remat_units` recomputed in the backward pass
+    (keeping, besides each unit's input, what REMAT_POLICIES[remat] saves)."""
+    if not remat:
+        return _run_unit(tuple(s[0] for s in steps), tuple(s[1] for s in steps), x)
+    for unit in remat_units(steps):
+        fns, modules = tuple(s[0] for s in unit), tuple(s[1] for s in unit)
+        x = nnx.remat(functools.partial(_run_unit, fns), policy=REMAT_POLICIES[remat])(modules, x)
+    return x
+
+
 class MidBlock(nnx.Module):
     """block_1 -> attn_1 -> block_2 at the lowest resolution."""
 
@@ -33,48 +94,41 @@ class MidBlock(nnx.Module):
         )
         self.block_2 = ResnetBlock(channels, channels, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
 
+    def steps(self) -> list[Step]:
+        """Its blocks as steps of a forward pass (see `run_steps`)."""
+        return [block_step(m) for m in (self.block_1, self.attn_1, self.block_2) if m is not None]
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.block_1(x)
-        if self.attn_1 is not None:
-            x = self.attn_1(x)
-        return self.block_2(x)
-
-
-def _apply(module: nnx.Module, x: jax.Array) -> jax.Array:
-    return module(x)
-
-
-Remat = bool | str  # False | True | "convs" (see config.TrainConfig.remat)
-# What a rematerialised block saves for its backward pass, besides its input.
-REMAT_POLICIES = {True: jax.checkpoint_policies.nothing_saveable, "convs": jax.checkpoint_policies.dots_saveable}
+        return run_steps(self.steps(), x)
 
 
 class Level(nnx.Module):
     """One resolution: `block` (a list of ResnetBlocks), then an optional resampler."""
 
-    def __init__(self, blocks: list[ResnetBlock], downsample=None, upsample=None, remat: Remat = False):
-        if remat and remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r} unknown; use False, True or 'convs'")
+    def __init__(self, blocks: list[ResnetBlock], downsample=None, upsample=None):
         self.block = nnx.List(blocks)
         self.downsample = downsample
         self.upsample = upsample
-        self.remat = remat
+
+    def steps(self) -> list[Step]:
+        """Its blocks and resampler as steps of a forward pass (see `run_steps`)."""
+        steps = [block_step(block) for block in self.block]
+        if self.downsample is not None:
+            steps.append((_call, self.downsample, "tail"))
+        if self.upsample is not None:
+            steps.append((_call, self.upsample, "lead"))
+        return steps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for block in self.block:
-            # remat: keep only block inputs (and with "convs" the conv outputs) for the backward pass
-            x = nnx.remat(_apply, policy=REMAT_POLICIES[self.remat])(block, x) if self.remat else block(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
-        return x
+        return run_steps(self.steps(), x)
 
 
 class Encoder(nnx.Module):
     """(B, H, W, in_channels) in [-1, 1] -> moments (B, H/f, W/f, 2z)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, kernels: Kernels, rngs: nnx.Rngs, remat: Remat = False):
+        check_remat(remat)
+        self.remat = remat
         groups = cfg.norm_groups
         self.conv_in = conv(cfg.in_channels, cfg.ch, 3, dtype=dtype, kernels=kernels, rngs=rngs)
         levels = []
@@ -87,7 +141,7 @@ class Encoder(nnx.Module):
                 block_in = block_out
             last = i == len(cfg.ch_mult) - 1
             down = None if last else Downsample(block_in, dtype=dtype, kernels=kernels, rngs=rngs)
-            levels.append(Level(blocks, downsample=down, remat=remat))
+            levels.append(Level(blocks, downsample=down))
         self.down = nnx.List(levels)
         self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
         self.norm_out = GroupNorm(block_in, num_groups=groups, model_dtype=dtype, rngs=rngs)
@@ -95,14 +149,13 @@ class Encoder(nnx.Module):
 
     def downsample_features(self, x: jax.Array) -> jax.Array:
         """conv_in and the levels: the local part, (B, H/f, W/f, ch * ch_mult[-1])."""
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return h
+        steps = [(_call, self.conv_in, "lead")] + [step for level in self.down for step in level.steps()]
+        return run_steps(steps, x, self.remat)
 
     def moments_from_features(self, h: jax.Array) -> jax.Array:
         """The mid block (global attention) and the output head."""
-        return self.conv_out(nnx.silu(self.norm_out(self.mid(h))))
+        head = [(_norm_silu, self.norm_out, "tail"), (_call, self.conv_out, "tail")]
+        return run_steps(self.mid.steps() + head, h, self.remat)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.moments_from_features(self.downsample_features(x))
@@ -112,6 +165,8 @@ class Decoder(nnx.Module):
     """(B, h, w, z) latent -> (B, h*f, w*f, out_channels) image (no tanh)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, kernels: Kernels, rngs: nnx.Rngs, remat: Remat = False):
+        check_remat(remat)
+        self.remat = remat
         groups = cfg.norm_groups
         block_in = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = conv(cfg.z_channels, block_in, 3, dtype=dtype, kernels=kernels, rngs=rngs)
@@ -124,7 +179,7 @@ class Decoder(nnx.Module):
                 blocks.append(ResnetBlock(block_in, block_out, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs))
                 block_in = block_out
             up = Upsample(block_in, dtype=dtype, kernels=kernels, rngs=rngs) if i != 0 else None
-            levels[i] = Level(blocks, upsample=up, remat=remat)
+            levels[i] = Level(blocks, upsample=up)
         # up[0] is the full-resolution level, as in LDM checkpoints; it runs last.
         self.up = nnx.List([levels[i] for i in range(len(cfg.ch_mult))])
         self.norm_out = GroupNorm(block_in, num_groups=groups, model_dtype=dtype, rngs=rngs)
@@ -132,13 +187,12 @@ class Decoder(nnx.Module):
 
     def bottleneck(self, z: jax.Array) -> jax.Array:
         """conv_in and the mid block (global attention), at the latent resolution."""
-        return self.mid(self.conv_in(z))
+        return run_steps([(_call, self.conv_in, "lead"), *self.mid.steps()], z, self.remat)
 
     def upsample_features(self, h: jax.Array) -> jax.Array:
         """The levels and the norm: the local part, up to conv_out's input."""
-        for level in reversed(self.up):
-            h = level(h)
-        return nnx.silu(self.norm_out(h))
+        steps = [step for level in reversed(self.up) for step in level.steps()]
+        return run_steps([*steps, (_norm_silu, self.norm_out, "tail")], h, self.remat)
 
 
 def check_image_shape(cfg: ModelConfig, shape: tuple[int, ...]) -> None:
@@ -175,8 +229,8 @@ class AutoencoderKL(nnx.Module):
 
     Images are NHWC floats in [-1, 1]; latents are NHWC and unscaled (see `scale`).
     `dtype` is the compute dtype (parameters stay float32); `remat` (True, or "convs" to keep
-    the conv outputs) recomputes ResnetBlock activations in the backward pass to save memory
-    at high resolution; `kernels` computes
+    the conv outputs) recomputes activations in the backward pass in units (`remat_units`) to
+    save memory at high resolution; `kernels` computes
     the convolutions (`sigmavae_jax.kernels`; the same parameters and maths either way).
     """
 
