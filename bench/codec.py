@@ -36,8 +36,9 @@ from sigmavae_jax.config import Config, load_config  # noqa: E402
 CONFIGS = {"sd": "sd", "f8c16": "flux"}  # label -> config (FLUX and NextStep-1 share the network)
 
 
-def bench_codec(config: str, size: int, batch: int, repeats: int, roofline: float, dtype: str = "float32",
-                peak_tflops: float = 0.0) -> dict:
+def bench_codec(
+    config: str, size: int, batch: int, repeats: int, roofline: float, dtype: str = "float32", peak_tflops: float = 0.0
+) -> dict:
     import torch
 
     cfg = load_config(config).model
@@ -64,16 +65,24 @@ def bench_codec(config: str, size: int, batch: int, repeats: int, roofline: floa
         return twin.decode(z_torch).sample
 
     # FLOPs of one image's program times the batch: XLA's cost analysis counts a loop's body once
-    per_image = {name: flops(jax.jit(fn).lower(codec.params, arg[:1]).compile())
-                 for name, fn, arg in (("encode", codec.encode_fn, x), ("decode", codec.decode_fn, z))}
+    per_image = {
+        name: flops(jax.jit(fn).lower(codec.params, arg[:1]).compile())
+        for name, fn, arg in (("encode", codec.encode_fn, x), ("decode", codec.decode_fn, z))
+    }
     result = {}
-    for name, program, args, reference in (("encode", encode, (codec.params, x), torch_encode),
-                                            ("decode", decode, (codec.params, z), torch_decode)):
+    for name, program, args, reference in (
+        ("encode", encode, (codec.params, x), torch_encode),
+        ("decode", decode, (codec.params, z), torch_decode),
+    ):
         jax_s, torch_s = alternate(lambda: jax.block_until_ready(program(*args)), torch_synced(reference), repeats)
         gflops = per_image[name] * batch / jax_s / 1e9
         result[name] = {
-            "jax_images_per_s": batch / jax_s, "torch_images_per_s": batch / torch_s, "ratio": torch_s / jax_s,
-            "gflops": gflops, "roofline_fraction": gflops / roofline, "peak_gib": peak_bytes(program) / 2**30,
+            "jax_images_per_s": batch / jax_s,
+            "torch_images_per_s": batch / torch_s,
+            "ratio": torch_s / jax_s,
+            "gflops": gflops,
+            "roofline_fraction": gflops / roofline,
+            "peak_gib": peak_bytes(program) / 2**30,
             "mfu": gflops / 1e3 / peak_tflops if peak_tflops else None,
         }
     return result
@@ -94,8 +103,9 @@ def tiled_decode_child(size: int) -> None:
 
 
 def bench_tiled_decode(size: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--tiled-decode-child", str(size)], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--tiled-decode-child", str(size)], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -115,27 +125,40 @@ def main() -> None:
     import torch
 
     roofline = matmul_roofline(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-    print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  "
-          f"{args.dtype} matmul roofline: {roofline:.0f} GFLOP/s")
+    print(
+        f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  "
+        f"{args.dtype} matmul roofline: {roofline:.0f} GFLOP/s"
+    )
     result = {"roofline_gflops": roofline}
     for label in args.configs.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            figures = bench_codec(CONFIGS[label], args.size, batch, args.repeats, roofline, args.dtype, args.peak_tflops)
+            figures = bench_codec(
+                CONFIGS[label], args.size, batch, args.repeats, roofline, args.dtype, args.peak_tflops
+            )
             for name, f in figures.items():
-                print(f"{label:6s} {name} {args.size}x{args.size} batch {batch}: JAX {f['jax_images_per_s']:.2f} img/s, "
-                      f"torch {f['torch_images_per_s']:.2f} img/s, ratio {f['ratio']:.2f} (target >= 1.25), "
-                      f"{f['gflops']:.0f} GFLOP/s = {f['roofline_fraction']:.0%} of roofline (target >= 85%), "
-                      f"XLA peak {f['peak_gib']:.2f} GiB" + (f", MFU {f['mfu']:.1%}" if f["mfu"] is not None else ""))
+                print(
+                    f"{label:6s} {name} {args.size}x{args.size} batch {batch}: JAX {f['jax_images_per_s']:.2f} img/s, "
+                    f"torch {f['torch_images_per_s']:.2f} img/s, ratio {f['ratio']:.2f} (target >= 1.25), "
+                    f"{f['gflops']:.0f} GFLOP/s = {f['roofline_fraction']:.0%} of roofline (target >= 85%), "
+                    f"XLA peak {f['peak_gib']:.2f} GiB" + (f", MFU {f['mfu']:.1%}" if f["mfu"] is not None else "")
+                )
                 key = f"{label}_{name}_b{batch}"
-                result.update({f"{key}_ratio_vs_torch": f["ratio"], f"{key}_images_per_s": f["jax_images_per_s"],
-                               f"{key}_roofline_fraction": f["roofline_fraction"]})
+                result.update(
+                    {
+                        f"{key}_ratio_vs_torch": f["ratio"],
+                        f"{key}_images_per_s": f["jax_images_per_s"],
+                        f"{key}_roofline_fraction": f["roofline_fraction"],
+                    }
+                )
                 if label == "sd" and batch == 1:
                     result[f"{name}_ratio_vs_torch"] = f["ratio"]
                     result[f"roofline_fraction_{name}"] = f["roofline_fraction"]
     if args.tiled_size:
         tiled = bench_tiled_decode(args.tiled_size)
-        print(f"tiled SD decode {args.tiled_size}x{args.tiled_size}: {tiled['seconds']:.0f} s, "
-              f"peak RSS {tiled['peak_rss_gib']:.2f} GiB (target < 6)")
+        print(
+            f"tiled SD decode {args.tiled_size}x{args.tiled_size}: {tiled['seconds']:.0f} s, "
+            f"peak RSS {tiled['peak_rss_gib']:.2f} GiB (target < 6)"
+        )
         result[f"tiled_decode_{args.tiled_size}_peak_rss_gib"] = tiled["peak_rss_gib"]
         result[f"tiled_decode_{args.tiled_size}_s"] = tiled["seconds"]
     print(json.dumps({name: round(value, 4) for name, value in result.items()}))

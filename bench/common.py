@@ -62,7 +62,9 @@ def torch_twin(cfg, params):
     from sigmavae_jax.convert import diffusers_config, to_diffusers_state_dict
 
     twin = AutoencoderKL(**diffusers_config(cfg))
-    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in to_diffusers_state_dict(params, cfg).items()}  # writable copies
+    state = {
+        k: torch.from_numpy(np.array(v, np.float32)) for k, v in to_diffusers_state_dict(params, cfg).items()
+    }  # writable copies
     twin.load_state_dict(state)
     return twin.to(torch_device())
 

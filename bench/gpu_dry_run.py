@@ -41,13 +41,17 @@ def plugin_path(given: str | None) -> tuple[str, ...]:
     if given:
         return (given,)
     plugins = importlib.util.find_spec("jax_plugins")  # the namespace package JAX finds plugins in
-    if plugins is not None and any((pathlib.Path(p) / "xla_cuda12").is_dir() for p in plugins.submodule_search_locations):
+    if plugins is not None and any(
+        (pathlib.Path(p) / "xla_cuda12").is_dir() for p in plugins.submodule_search_locations
+    ):
         return ()
     default = pathlib.Path(sys.prefix) / "gpu-plugin"
     if (default / "jax_plugins" / "xla_cuda12").is_dir():
         return (str(default),)
-    sys.exit(f"error: no CUDA compiler plugin in this environment or in {default}; run make setup, or "
-             "pip install -e '.[gpu]', or pass --plugin DIR")
+    sys.exit(
+        f"error: no CUDA compiler plugin in this environment or in {default}; run make setup, or "
+        "pip install -e '.[gpu]', or pass --plugin DIR"
+    )
 
 
 def largest(name: str, gpu: str, at: dict[int, dict], extra: tuple[str, ...]) -> int:
@@ -88,22 +92,31 @@ def main() -> None:
         best = {key: job.result() for key, job in found.items()}
     print(f"\n{time.perf_counter() - start:.0f} s of compiles\n")
 
-    print(f"| program, GPU | HBM at {BATCHES[0]}/GPU (of what JAX takes) | largest batch/GPU (compiled) | TFLOP/image "
-          "| compute-roofline images/s/GPU |")
+    print(
+        f"| program, GPU | HBM at {BATCHES[0]}/GPU (of what JAX takes) | largest batch/GPU (compiled) | TFLOP/image "
+        "| compute-roofline images/s/GPU |"
+    )
     print("|---|---|---|---|---|")
     summary = {}
     for name, gpu in keys:
         at8 = figures[(name, gpu)][BATCHES[0]]
-        print(f"| {name}, {gpu} | {at8['hbm_total'] / 2**30:.2f} GiB (of {at8['hbm_capacity'] / 2**30:.2f}) "
-              f"| {best[(name, gpu)]} | {at8['flops_per_image'] / 1e12:.3f} | {at8['roofline_images_per_s_per_chip']:.1f} |")
+        print(
+            f"| {name}, {gpu} | {at8['hbm_total'] / 2**30:.2f} GiB (of {at8['hbm_capacity'] / 2**30:.2f}) "
+            f"| {best[(name, gpu)]} | {at8['flops_per_image'] / 1e12:.3f} "
+            f"| {at8['roofline_images_per_s_per_chip']:.1f} |"
+        )
         prefix = f"{name}_{gpu.replace('-', '_')}"
-        summary.update({
-            f"{prefix}_hbm_at_8_per_gpu": at8["hbm_total"],
-            f"{prefix}_max_batch_per_gpu": best[(name, gpu)],
-            f"{prefix}_flops_per_image": at8["flops_per_image"],
-            f"{prefix}_compute_roofline_images_per_s_per_gpu": at8["roofline_images_per_s_per_chip"],
-        })
-    print(json.dumps({"gpus": args.gpus, "memory_fraction": figures[keys[0]][BATCHES[0]]["memory_fraction"], **summary}))
+        summary.update(
+            {
+                f"{prefix}_hbm_at_8_per_gpu": at8["hbm_total"],
+                f"{prefix}_max_batch_per_gpu": best[(name, gpu)],
+                f"{prefix}_flops_per_image": at8["flops_per_image"],
+                f"{prefix}_compute_roofline_images_per_s_per_gpu": at8["roofline_images_per_s_per_chip"],
+            }
+        )
+    print(
+        json.dumps({"gpus": args.gpus, "memory_fraction": figures[keys[0]][BATCHES[0]]["memory_fraction"], **summary})
+    )
 
 
 if __name__ == "__main__":

@@ -53,11 +53,18 @@ class HloOps:
         for name, shape, opcode, rest in _INSTRUCTION.findall(hlo_text):
             called = re.search(r"calls=%([\w.\-]+)", rest)
             source = re.search(r'op_name="([^"]+)"', rest)  # the jax op it came from
-            self.ops[name] = (shape.split("{")[0], opcode, called.group(1) if called else None, source.group(1) if source else "")
+            self.ops[name] = (
+                shape.split("{")[0],
+                opcode,
+                called.group(1) if called else None,
+                source.group(1) if source else "",
+            )
         # a conv whose result has the dims of a 4-d program input (a kernel), in any order, is a
         # kernel gradient: XLA writes them as HWIO or as (O, kh, kw, I)
         entry = self.bodies.get("ENTRY", "")
-        self.kernel_dims = {tuple(sorted(_dims(shape))) for shape in re.findall(r"= (\S+) parameter\(", entry) if len(_dims(shape)) == 4}
+        self.kernel_dims = {
+            tuple(sorted(_dims(shape))) for shape in re.findall(r"= (\S+) parameter\(", entry) if len(_dims(shape)) == 4
+        }
 
     def kind(self, name: str) -> str:
         shape, opcode, called, source = self.ops[name]
@@ -100,7 +107,10 @@ def program_profile(label: str, compiled, run, top: int) -> dict[str, float]:
                 by_shape[(kind, hlo.operands(event.name))] += event.duration_ns / 1e9
                 count[(kind, hlo.operands(event.name))] += 1
     total = sum(by_kind.values())
-    print(f"\n{label}: {wall_s:.2f} s wall; op time {total:.2f} s summed over threads ({total / wall_s:.2f}x the wall time)")
+    print(
+        f"\n{label}: {wall_s:.2f} s wall; op time {total:.2f} s summed over threads "
+        f"({total / wall_s:.2f}x the wall time)"
+    )
     for kind, seconds in by_kind.most_common():
         print(f"  {kind:22s} {seconds:7.3f} s  {seconds / total:6.1%}")
     print(f"\nThe {top} costliest (kind, operands -> result) groups:")
@@ -120,13 +130,28 @@ def vae_program(cfg_name: str, size: int, batch: int):
 
 # The convolutions of the SD VAE at a 128 x 128 input: (input size, C_in, C_out, kernel, kind, uses)
 SD_CONVS_AT_128 = [
-    (128, 3, 128, 3, "same", 1), (128, 128, 128, 3, "same", 9), (128, 128, 128, 3, "down", 1),
-    (128, 256, 128, 3, "same", 1), (128, 256, 128, 1, "same", 1), (128, 128, 3, 3, "same", 1),
-    (64, 128, 256, 3, "same", 1), (64, 256, 256, 3, "same", 8), (64, 128, 256, 1, "same", 1),
-    (64, 256, 256, 3, "down", 1), (64, 512, 256, 3, "same", 1), (64, 512, 256, 1, "same", 1),
-    (64, 256, 256, 3, "up", 1), (32, 256, 512, 3, "same", 1), (32, 512, 512, 3, "same", 9),
-    (32, 256, 512, 1, "same", 1), (32, 512, 512, 3, "down", 1), (32, 512, 512, 3, "up", 1),
-    (16, 512, 512, 3, "same", 18), (16, 512, 512, 3, "up", 1), (16, 512, 8, 3, "same", 1), (16, 4, 512, 3, "same", 1),
+    (128, 3, 128, 3, "same", 1),
+    (128, 128, 128, 3, "same", 9),
+    (128, 128, 128, 3, "down", 1),
+    (128, 256, 128, 3, "same", 1),
+    (128, 256, 128, 1, "same", 1),
+    (128, 128, 3, 3, "same", 1),
+    (64, 128, 256, 3, "same", 1),
+    (64, 256, 256, 3, "same", 8),
+    (64, 128, 256, 1, "same", 1),
+    (64, 256, 256, 3, "down", 1),
+    (64, 512, 256, 3, "same", 1),
+    (64, 512, 256, 1, "same", 1),
+    (64, 256, 256, 3, "up", 1),
+    (32, 256, 512, 3, "same", 1),
+    (32, 512, 512, 3, "same", 9),
+    (32, 256, 512, 1, "same", 1),
+    (32, 512, 512, 3, "down", 1),
+    (32, 512, 512, 3, "up", 1),
+    (16, 512, 512, 3, "same", 18),
+    (16, 512, 512, 3, "up", 1),
+    (16, 512, 8, 3, "same", 1),
+    (16, 4, 512, 3, "same", 1),
 ]
 
 
@@ -172,22 +197,29 @@ def layer_profile(batch: int) -> dict[str, float]:
         dy = rng.normal(size=(batch, out, out, c_out))
         fn = _jax_conv(kind, c_in, c_out, k)
         xj, wj, dyj = (jnp.asarray(a, jnp.float32) for a in (x, w, dy))
-        programs = (jax.jit(fn), jax.jit(lambda x, w, dy: jax.vjp(lambda x: fn(x, w), x)[1](dy)[0]),
-                    jax.jit(lambda x, w, dy: jax.vjp(lambda w: fn(x, w), w)[1](dy)[0]))
+        programs = (
+            jax.jit(fn),
+            jax.jit(lambda x, w, dy: jax.vjp(lambda x: fn(x, w), x)[1](dy)[0]),
+            jax.jit(lambda x, w, dy: jax.vjp(lambda w: fn(x, w), w)[1](dy)[0]),
+        )
         arguments = ((xj, wj), (xj, wj, dyj), (xj, wj, dyj))
         jax_s = []
         for program, args in zip(programs, arguments):
             jax.block_until_ready(program(*args))
             jax_s.append(median_time(lambda: jax.block_until_ready(program(*args)), 5))
         tfn = _torch_conv(kind, k)
-        xt, wt, dyt = (torch.from_numpy(np.ascontiguousarray(a.transpose(*axes), np.float32))
-                       for a, axes in ((x, (0, 3, 1, 2)), (w, (3, 2, 0, 1)), (dy, (0, 3, 1, 2))))
+        xt, wt, dyt = (
+            torch.from_numpy(np.ascontiguousarray(a.transpose(*axes), np.float32))
+            for a, axes in ((x, (0, 3, 1, 2)), (w, (3, 2, 0, 1)), (dy, (0, 3, 1, 2)))
+        )
         with torch.no_grad():
             tfn(xt, wt)
             forward_s = median_time(lambda: tfn(xt, wt), 5)
         x_grad, w_grad = xt.clone().requires_grad_(True), wt.clone().requires_grad_(True)
-        backward = ((lambda: torch.autograd.grad(tfn(x_grad, wt), x_grad, dyt)),
-                    (lambda: torch.autograd.grad(tfn(xt, w_grad), w_grad, dyt)))
+        backward = (
+            (lambda: torch.autograd.grad(tfn(x_grad, wt), x_grad, dyt)),
+            (lambda: torch.autograd.grad(tfn(xt, w_grad), w_grad, dyt)),
+        )
         torch_s = [forward_s]
         for fn_ in backward:
             fn_()
@@ -198,7 +230,10 @@ def layer_profile(batch: int) -> dict[str, float]:
         for n, j, t in zip(names, jax_s, torch_s):
             totals[f"jax_{n}"] += uses * j
             totals[f"torch_{n}"] += uses * t
-    print("  seconds, weighted by use: " + ", ".join(f"{n} JAX {totals[f'jax_{n}']:.2f} torch {totals[f'torch_{n}']:.2f}" for n in names))
+    print(
+        "  seconds, weighted by use: "
+        + ", ".join(f"{n} JAX {totals[f'jax_{n}']:.2f} torch {totals[f'torch_{n}']:.2f}" for n in names)
+    )
     return {f"layers_{k.replace(' ', '_')}_s": v for k, v in totals.items()}
 
 
@@ -208,8 +243,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image size (default: 128, as bench/train_step.py)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--top", type=int, default=20, help="how many (kind, shape) groups to list")
-    parser.add_argument("--layers", action="store_true", help="also time each SD convolution alone against torch (128 x 128 shapes)")
-    parser.add_argument("--step", action="store_true", help="profile the whole G+D training step instead of the VAE fwd+bwd")
+    parser.add_argument(
+        "--layers", action="store_true", help="also time each SD convolution alone against torch (128 x 128 shapes)"
+    )
+    parser.add_argument(
+        "--step", action="store_true", help="profile the whole G+D training step instead of the VAE fwd+bwd"
+    )
     args = parser.parse_args()
     print(f"devices: {jax.devices()}")
     shape = f"{args.config}, {args.size}x{args.size}, batch {args.batch}"

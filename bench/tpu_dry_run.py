@@ -92,9 +92,16 @@ def _peer_program(mesh, per_chip: int):
     from sigmavae_jax import parallel
 
     model = FlaxAutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        latent_channels=4, norm_num_groups=32, sample_size=SIZE, dtype=jnp.bfloat16,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=SIZE,
+        dtype=jnp.bfloat16,
     )
     params = jax.eval_shape(model.init_weights, jax.random.key(0))
     replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -128,8 +135,15 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
     overrides = [item.replace("REMAT", os.environ.get("SIGMAVAE_BENCH_REMAT", "true")) for item in overrides]
     tpu_slice = topology.parse_slice(topology_name)
     if kind == "step":
-        cfg = load_config("nextstep1_f8c16", [f"train.image_size={SIZE}", "train.compute_dtype=bfloat16",
-                                              f"train.batch_size={per_chip * tpu_slice.chips}", *overrides])
+        cfg = load_config(
+            "nextstep1_f8c16",
+            [
+                f"train.image_size={SIZE}",
+                "train.compute_dtype=bfloat16",
+                f"train.batch_size={per_chip * tpu_slice.chips}",
+                *overrides,
+            ],
+        )
         return dry_run.train_step_report(cfg, tpu_slice).figures()
     mesh = parallel.make_mesh(devices=topology.slice_devices(tpu_slice))
     flops = None  # a GPU's compiler counts none: the same program lowered for one CPU device does
@@ -140,8 +154,15 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
         from sigmavae_jax.models.autoencoder import AutoencoderKL
 
         cfg = load_config("sd", overrides)
-        model = nnx.eval_shape(lambda: AutoencoderKL(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
-                                                     remat=cfg.train.remat, kernels=select("auto", mesh.devices.flat)))
+        model = nnx.eval_shape(
+            lambda: AutoencoderKL(
+                cfg.model,
+                rngs=nnx.Rngs(0),
+                dtype=jnp.bfloat16,
+                remat=cfg.train.remat,
+                kernels=select("auto", mesh.devices.flat),
+            )
+        )
         jitted, args = _vae_program(model, mesh, per_chip)
         flops = lambda: dry_run.lowered_flops(*_vae_program(model, dry_run.one_cpu_mesh(), per_chip))  # noqa: E731
     else:
@@ -157,8 +178,10 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
 def ensure_peer() -> None:
     if not (PEER_DIR / "diffusers").is_dir():
         print(f"installing {PEER} into {PEER_DIR} (the peer's own environment)", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(PEER_DIR), PEER],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(PEER_DIR), PEER],
+            check=True,
+        )
 
 
 def run_one(name: str, topology_name: str, per_chip: int, extra_path: tuple[str, ...] = ()) -> dict:
@@ -168,15 +191,20 @@ def run_one(name: str, topology_name: str, per_chip: int, extra_path: tuple[str,
     if paths:
         env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--one", name, topology_name, str(per_chip)], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--one", name, topology_name, str(per_chip)], env=env, capture_output=True, text=True
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         raise RuntimeError(f"{name} at {per_chip}/chip failed:\n{done.stderr[-3000:]}")
     figures = json.loads(lines[-1])
     total = figures["hbm_total"] / 2**30
-    print(f"  {name:<10} {topology_name:<13} {per_chip:>4}/chip: {total:6.2f} GiB {'fits' if figures['fits'] else 'DOES NOT FIT'}"
-          f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(
+        f"  {name:<10} {topology_name:<13} {per_chip:>4}/chip: {total:6.2f} GiB "
+        f"{'fits' if figures['fits'] else 'DOES NOT FIT'}"
+        f" ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
     return figures
 
 
@@ -190,11 +218,17 @@ def predicted_largest(at: dict[int, dict]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--topology", nargs="+", default=["v5litepod-4"], help="TPU slices (the first gives the JSON keys)")
+    parser.add_argument(
+        "--topology", nargs="+", default=["v5litepod-4"], help="TPU slices (the first gives the JSON keys)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="compiles at a time (each its own process)")
     parser.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), default=list(MEASUREMENTS))
-    parser.add_argument("--remat", default="true", choices=("true", "convs"),
-                        help="the memory setting measured against the defaults (train.remat)")
+    parser.add_argument(
+        "--remat",
+        default="true",
+        choices=("true", "convs"),
+        help="the memory setting measured against the defaults (train.remat)",
+    )
     parser.add_argument("--one", nargs=3, metavar=("NAME", "TOPOLOGY", "PER_CHIP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -207,6 +241,7 @@ def main() -> None:
     start = time.perf_counter()
     figures: dict[tuple[str, str], dict[int, dict]] = {}
     largest: dict[tuple[str, str], int] = {}
+
     def confirm(key) -> None:
         """Compile at the predicted batch; step down while it does not fit. When it fits, the
         line through the first and the confirmed point predicts again (memory per image falls a
@@ -226,8 +261,12 @@ def main() -> None:
                     largest[key] = refined
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        plan = [(name, topo, b) for topo in args.topology for name in args.only
-                for b in (BATCHES if MEASUREMENTS[name][2] else BATCHES[:1])]
+        plan = [
+            (name, topo, b)
+            for topo in args.topology
+            for name in args.only
+            for b in (BATCHES if MEASUREMENTS[name][2] else BATCHES[:1])
+        ]
         # the slopes that need confirming first, so that their confirming compile overlaps the rest
         first = [item for item in plan if MEASUREMENTS[item[0]][2] == "confirmed"]
         for item, job in [(item, pool.submit(run_one, *item)) for item in first]:
@@ -245,15 +284,20 @@ def main() -> None:
 
     summary = {}
     for topo in args.topology:
-        print(f"| {topo}, train.remat={args.remat} for *_remat | HBM at {BATCHES[0]}/chip | largest batch/chip | TFLOP/image | GB/image | roofline images/s/chip |")
+        print(
+            f"| {topo}, train.remat={args.remat} for *_remat | HBM at {BATCHES[0]}/chip | largest batch/chip "
+            "| TFLOP/image | GB/image | roofline images/s/chip |"
+        )
         print("|---|---|---|---|---|---|")
         for name in args.only:
             at = figures[(name, topo)][BATCHES[0]]
             rate = at["roofline_images_per_s_per_chip"]
             found = MEASUREMENTS[name][2]
             batch = f"{largest[(name, topo)]} ({found})" if found else "-"
-            print(f"| {name} | {at['hbm_total'] / 2**30:.2f} GiB | {batch} | {at['flops_per_image'] / 1e12:.3f} "
-                  f"| {at['bytes_per_image'] / 1e9:.2f} | {rate:.1f} ({at['bound']}) |")
+            print(
+                f"| {name} | {at['hbm_total'] / 2**30:.2f} GiB | {batch} | {at['flops_per_image'] / 1e12:.3f} "
+                f"| {at['bytes_per_image'] / 1e9:.2f} | {rate:.1f} ({at['bound']}) |"
+            )
         print()
     topo = args.topology[0]
 

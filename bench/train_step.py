@@ -63,8 +63,12 @@ def bench_step(name: str, overrides: list[str], repeats: int, lpips) -> dict[str
     batch = load_config(name, overrides).train.batch_size
     run()  # warm-up
     seconds = median_time(run, repeats)
-    return {"compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds,
-            "tflops": flops(compiled) / seconds / 1e12}
+    return {
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "images_per_s": batch / seconds,
+        "tflops": flops(compiled) / seconds / 1e12,
+    }
 
 
 def bench_vae_vs_torch(size: int, batch: int, repeats: int, dtype: str = "float32") -> dict[str, float]:
@@ -124,7 +128,9 @@ def main() -> None:
     result = {}
     if not args.vae_only:
         tiny = bench_step("tiny", ["loss.disc_start=0"], args.repeats, lpips)
-        print(f"tiny G+D step (64x64, batch 8):  compile {tiny['compile_s']:.1f} s, {tiny['images_per_s']:.1f} images/s")
+        print(
+            f"tiny G+D step (64x64, batch 8):  compile {tiny['compile_s']:.1f} s, {tiny['images_per_s']:.1f} images/s"
+        )
         result = {"tiny_step_images_per_s": tiny["images_per_s"], "tiny_step_compile_s": tiny["compile_s"]}
     if args.quick:
         print(json.dumps({name: round(value, 4) for name, value in result.items()}))
@@ -132,33 +138,56 @@ def main() -> None:
     shape = f"{args.size}x{args.size}, batch {args.batch}"
     for dtype in args.dtypes.split(","):
         tag = "" if dtype == "float32" else f"_{dtype}"
-        sd_args = ["loss.disc_start=0", f"train.image_size={args.size}", f"train.batch_size={args.batch}",
-                   f"train.compute_dtype={dtype}"]
+        sd_args = [
+            "loss.disc_start=0",
+            f"train.image_size={args.size}",
+            f"train.batch_size={args.batch}",
+            f"train.compute_dtype={dtype}",
+        ]
         roofline = matmul_roofline(jnp.dtype(dtype))  # GFLOP/s
         if not args.vae_only:
             sd = bench_step("sd", sd_args, args.repeats, lpips)
             mfu = f", MFU {sd['tflops'] / args.peak_tflops:.1%}" if args.peak_tflops else ""
-            print(f"SD G+D step ({shape}, {dtype}): compile {sd['compile_s']:.1f} s (target <= 60), "
-                  f"{sd['images_per_s']:.2f} images/s ({sd['step_s']:.2f} s/step, {sd['tflops']:.2f} TFLOP/s = "
-                  f"{sd['tflops'] * 1e3 / roofline:.0%} of the {roofline:.0f} GFLOP/s matmul roofline{mfu})")
-            result.update({f"sd_step_compile_s{tag}": sd["compile_s"], f"sd_step_images_per_s{tag}": sd["images_per_s"],
-                           f"sd_step_roofline_fraction{tag}": sd["tflops"] * 1e3 / roofline})
+            print(
+                f"SD G+D step ({shape}, {dtype}): compile {sd['compile_s']:.1f} s (target <= 60), "
+                f"{sd['images_per_s']:.2f} images/s ({sd['step_s']:.2f} s/step, {sd['tflops']:.2f} TFLOP/s = "
+                f"{sd['tflops'] * 1e3 / roofline:.0%} of the {roofline:.0f} GFLOP/s matmul roofline{mfu})"
+            )
+            result.update(
+                {
+                    f"sd_step_compile_s{tag}": sd["compile_s"],
+                    f"sd_step_images_per_s{tag}": sd["images_per_s"],
+                    f"sd_step_roofline_fraction{tag}": sd["tflops"] * 1e3 / roofline,
+                }
+            )
         if dtype == "float32" and not args.vae_only:
             fixed = bench_step("sd", [*sd_args, "loss.adaptive_gan_weight=false"], args.repeats, lpips)
             overhead = 1.0 - fixed["step_s"] / sd["step_s"]  # negative: below the timing noise
-            print(f"adaptive GAN weight overhead:     {overhead:.1%} of the step (target <= 10%; fixed weight {fixed['step_s']:.2f} s/step)")
+            print(
+                f"adaptive GAN weight overhead:     {overhead:.1%} of the step "
+                f"(target <= 10%; fixed weight {fixed['step_s']:.2f} s/step)"
+            )
             result["adaptive_weight_overhead"] = overhead
         vae = bench_vae_vs_torch(args.size, args.batch, args.repeats, dtype)
         # the fastest the VAE could run: all of its FLOPs at the matmul roofline
         bound_s = vae["gflop"] / roofline
-        print(f"VAE fwd+bwd (SD, {shape}, {dtype}, L1 + KL): JAX {vae['jax_s']:.3f} s, torch {vae['torch_s']:.3f} s, "
-              f"ratio {vae['ratio']:.2f} (target >= 1.1; >1: JAX faster)\n"
-              f"  {vae['gflop']:.0f} GFLOP at {vae['gflop'] / vae['jax_s']:.0f} GFLOP/s = {bound_s / vae['jax_s']:.0%} of the "
-              f"{roofline:.0f} GFLOP/s matmul roofline (target ~80%); all at the roofline would take {bound_s:.2f} s, "
-              f"a ratio of {vae['torch_s'] / bound_s:.2f}")
-        result.update({f"vae_fwd_bwd_ratio_vs_torch{tag}": vae["ratio"], f"vae_fwd_bwd_jax_s{tag}": vae["jax_s"],
-                       f"vae_fwd_bwd_torch_s{tag}": vae["torch_s"], f"vae_fwd_bwd_roofline_fraction{tag}": bound_s / vae["jax_s"],
-                       f"vae_fwd_bwd_ratio_at_roofline{tag}": vae["torch_s"] / bound_s})
+        print(
+            f"VAE fwd+bwd (SD, {shape}, {dtype}, L1 + KL): JAX {vae['jax_s']:.3f} s, torch {vae['torch_s']:.3f} s, "
+            f"ratio {vae['ratio']:.2f} (target >= 1.1; >1: JAX faster)\n"
+            f"  {vae['gflop']:.0f} GFLOP at {vae['gflop'] / vae['jax_s']:.0f} GFLOP/s "
+            f"= {bound_s / vae['jax_s']:.0%} of the "
+            f"{roofline:.0f} GFLOP/s matmul roofline (target ~80%); all at the roofline would take {bound_s:.2f} s, "
+            f"a ratio of {vae['torch_s'] / bound_s:.2f}"
+        )
+        result.update(
+            {
+                f"vae_fwd_bwd_ratio_vs_torch{tag}": vae["ratio"],
+                f"vae_fwd_bwd_jax_s{tag}": vae["jax_s"],
+                f"vae_fwd_bwd_torch_s{tag}": vae["torch_s"],
+                f"vae_fwd_bwd_roofline_fraction{tag}": bound_s / vae["jax_s"],
+                f"vae_fwd_bwd_ratio_at_roofline{tag}": vae["torch_s"] / bound_s,
+            }
+        )
     print(json.dumps({name: round(value, 4) for name, value in result.items()}))
 
 

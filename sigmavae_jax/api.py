@@ -1,11 +1,11 @@
 """`sigmavae_jax.load(path)`: a ready codec with jit-compiled encode/decode.
 
-    codec = sigmavae_jax.load("out/flux")          # a params export (convert_torch_weights.py)
-    z = codec.encode(x)                             # x: (B, H, W, 3) in [-1, 1] -> (B, H/8, W/8, 16)
-    x_hat = codec.decode(z)
-    # inside your own jit: pure functions of (params, input)
-    step = jax.jit(lambda p, x: codec.encode_fn(p, x))
-    z = step(codec.params, x)
+codec = sigmavae_jax.load("out/flux")          # a params export (convert_torch_weights.py)
+z = codec.encode(x)                             # x: (B, H, W, 3) in [-1, 1] -> (B, H/8, W/8, 16)
+x_hat = codec.decode(z)
+# inside your own jit: pure functions of (params, input)
+step = jax.jit(lambda p, x: codec.encode_fn(p, x))
+z = step(codec.params, x)
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from sigmavae_jax.models.params import (  # noqa: F401 (the user-facing names of
     unflatten_params,
 )
 from sigmavae_jax.tiling import Tiling, tile_passes, tiled_apply
+
 
 @dataclasses.dataclass(frozen=True)
 class Codec:
@@ -97,8 +98,9 @@ class Codec:
         for name, fn in jitted.items():
             object.__setattr__(self, name, jax.jit(fn))
         dtype = self.dtype
-        object.__setattr__(self, "_encode_tiles", self._tile_functions(
-            lambda m, x: m.encoder.downsample_features(x.astype(dtype))))
+        object.__setattr__(
+            self, "_encode_tiles", self._tile_functions(lambda m, x: m.encoder.downsample_features(x.astype(dtype)))
+        )
         object.__setattr__(self, "_decode_tiles", self._tile_functions(lambda m, h: m.decode_from_bottleneck(h)))
 
     def with_tiling(self, mode: str = "always", **settings) -> "Codec":
@@ -108,8 +110,15 @@ class Codec:
 
     def _tiled(self, tiles: tuple[Callable, Callable], x: np.ndarray, tile: int, overlap: int, scale) -> np.ndarray:
         record, apply = tiles
-        return tiled_apply(apply, x, tile=tile, overlap=overlap, scale=scale,
-                           record=record if self.tiling.shared_stats else None, stat_sweeps=self.tiling.stat_sweeps)
+        return tiled_apply(
+            apply,
+            x,
+            tile=tile,
+            overlap=overlap,
+            scale=scale,
+            record=record if self.tiling.shared_stats else None,
+            stat_sweeps=self.tiling.stat_sweeps,
+        )
 
     def encode(self, x) -> jax.Array:
         """(B, H, W, C) image in [-1, 1] -> (B, H/f, W/f, z) posterior mode, unscaled.
@@ -120,8 +129,9 @@ class Codec:
             return self._encode(self.params, jnp.asarray(x))
         f = self.model_config.downsample_factor
         self.tiling.check_multiple(f)
-        features = self._tiled(self._encode_tiles, np.asarray(x, np.float32), self.tiling.size,
-                               self.tiling.overlap, Fraction(1, f))
+        features = self._tiled(
+            self._encode_tiles, np.asarray(x, np.float32), self.tiling.size, self.tiling.overlap, Fraction(1, f)
+        )
         return self._encode_global(self.params, jnp.asarray(features))
 
     def decode(self, z) -> jax.Array:
@@ -134,7 +144,9 @@ class Codec:
             return self._decode(self.params, jnp.asarray(z))
         self.tiling.check_multiple(f)
         bottleneck = np.asarray(self._decode_global(self.params, jnp.asarray(z)), np.float32)
-        image = self._tiled(self._decode_tiles, bottleneck, self.tiling.size // f, self.tiling.overlap // f, Fraction(f))
+        image = self._tiled(
+            self._decode_tiles, bottleneck, self.tiling.size // f, self.tiling.overlap // f, Fraction(f)
+        )
         return jnp.asarray(image)
 
     def reconstruct(self, x) -> jax.Array:
@@ -154,7 +166,9 @@ class Codec:
 
 def codec_from_model(model: AutoencoderKL, config: Config, tiling: Tiling = Tiling()) -> Codec:
     graphdef, params = nnx.split(model)
-    return Codec(config=config, graphdef=graphdef, params=params, dtype=model.dtype, tiling=tiling, kernels=model.kernels)
+    return Codec(
+        config=config, graphdef=graphdef, params=params, dtype=model.dtype, tiling=tiling, kernels=model.kernels
+    )
 
 
 def load(

@@ -48,9 +48,7 @@ def is_params_export(path: str | storage.Path) -> bool:
     return (path / PARAMS_DIR).is_dir() and (path / CONFIG_FILE).is_file()
 
 
-def save_params(
-    path: str | storage.Path, params: dict[str, Any], config: Config, **export_info: Any
-) -> storage.Path:
+def save_params(path: str | storage.Path, params: dict[str, Any], config: Config, **export_info: Any) -> storage.Path:
     """Writes `params` (nested dict of arrays) and `config` to the directory `path`.
 
     Refuses to overwrite an existing non-empty directory, so nothing is lost by a typo.
@@ -89,7 +87,9 @@ def load_params(path: str | storage.Path) -> tuple[dict[str, Any], Config]:
     # Restored into host numpy arrays of the stored shapes and dtypes: without a target Orbax
     # would place them by the saving run's device layout, which another process count refuses.
     stored = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree
-    restored = checkpointer.restore(path / PARAMS_DIR, jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), stored))
+    restored = checkpointer.restore(
+        path / PARAMS_DIR, jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), stored)
+    )
     return _int_keys(restored), config
 
 
@@ -363,7 +363,10 @@ def _tree_differences(stored: dict[tuple, Any], wanted: dict[tuple, Any]) -> str
     misshaped = sorted(p for p in wanted.keys() & stored.keys() if shape_dtype(stored[p]) != shape_dtype(wanted[p]))
     lines += listing(
         "with another shape or dtype",
-        ["{} stored {} {}, expected {} {}".format(name(p), *shape_dtype(stored[p]), *shape_dtype(wanted[p])) for p in misshaped],
+        [
+            "{} stored {} {}, expected {} {}".format(name(p), *shape_dtype(stored[p]), *shape_dtype(wanted[p]))
+            for p in misshaped
+        ],
     )
     return "\n".join(lines)
 

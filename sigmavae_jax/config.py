@@ -332,7 +332,11 @@ def describe_keys(model: type[pydantic.BaseModel] = Config, prefix: str = "") ->
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
-        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, pydantic.BaseModel)]
+        nested = [
+            a
+            for a in getattr(annotation, "__args__", (annotation,))
+            if isinstance(a, type) and issubclass(a, pydantic.BaseModel)
+        ]
         if nested:
             lines += describe_keys(nested[0], key + ".")
             continue

@@ -91,10 +91,10 @@ def list_image_files(path: str | os.PathLike) -> list[storage.Path]:
 def _remote_files(root: storage.Path) -> list[storage.Path]:
     """The image objects under a gs:// prefix, from one recursive listing (a per-file
     `is_file` would be one request per image)."""
-    prefix = str(root)[len(storage.REMOTE_PREFIX):].rstrip("/")
+    prefix = str(root)[len(storage.REMOTE_PREFIX) :].rstrip("/")
     found = []
     for folder, _, names in root.walk():
-        relative = str(folder)[len(prefix):].strip("/")
+        relative = str(folder)[len(prefix) :].strip("/")
         base = root / relative if relative else root
         found += [base / name for name in names if pathlib.PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS]
     return found
@@ -349,8 +349,7 @@ class _PadEvalBatch:
 def _data_config(cfg: Config) -> DataConfig:
     if cfg.data is None:
         raise ValueError(
-            "the config has no data section; set data.source=folder data.path=DIR or "
-            "data.source=tfds data.name=NAME"
+            "the config has no data section; set data.source=folder data.path=DIR or data.source=tfds data.name=NAME"
         )
     return cfg.data
 
@@ -376,8 +375,7 @@ def _tfds_records(data: DataConfig, split: str) -> grain.MapDataset:
     features = builder.info.features
     if data.image_key not in features:
         raise ValueError(
-            f"data.image_key={data.image_key!r} is not a feature of {data.name!r}; "
-            f"it has {sorted(features.keys())}"
+            f"data.image_key={data.image_key!r} is not a feature of {data.name!r}; it has {sorted(features.keys())}"
         )
     decoders = None
     if isinstance(features[data.image_key], tfds.features.Image):
@@ -430,9 +428,7 @@ def _read_options(data: DataConfig, elements_ahead: int) -> grain.ReadOptions:
     reads synchronously (handy when debugging a decoder)."""
     if data.prefetch == 0:
         return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    return grain.ReadOptions(
-        num_threads=min(_READ_THREADS, elements_ahead), prefetch_buffer_size=elements_ahead
-    )
+    return grain.ReadOptions(num_threads=min(_READ_THREADS, elements_ahead), prefetch_buffer_size=elements_ahead)
 
 
 def _maybe_multiprocess(dataset: grain.IterDataset, data: DataConfig) -> grain.IterDataset:
@@ -444,9 +440,7 @@ def _maybe_multiprocess(dataset: grain.IterDataset, data: DataConfig) -> grain.I
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    options = grain.MultiprocessingOptions(
-        num_workers=data.workers, per_worker_buffer_size=max(1, data.prefetch)
-    )
+    options = grain.MultiprocessingOptions(num_workers=data.workers, per_worker_buffer_size=max(1, data.prefetch))
     return dataset.mp_prefetch(options)
 
 
@@ -584,9 +578,7 @@ class EvalIterator(_ClosingIterator):
         return self._skips.report()
 
 
-def train_iterator(
-    cfg: Config, *, seed: int, process_index: int = 0, process_count: int = 1
-) -> TrainIterator:
+def train_iterator(cfg: Config, *, seed: int, process_index: int = 0, process_count: int = 1) -> TrainIterator:
     """This process's endless training batches, float32 (B_local, S, S, 3) in [-1, 1].
 
     The shard (every process_count-th image from process_index) is shuffled with `seed`
@@ -616,11 +608,7 @@ def train_iterator(
     dataset = _maybe_multiprocess(dataset, data)
     spec = {
         "source": data.source,
-        "data": (
-            str(storage.path(data.path))
-            if data.source == "folder"
-            else f"{data.name}/{data.split}"
-        ),
+        "data": (str(storage.path(data.path)) if data.source == "folder" else f"{data.name}/{data.split}"),
         "images": len(shard),
         "seed": seed,
         "process_index": process_index,

@@ -24,16 +24,31 @@ from sigmavae_jax.train.state import build_structure, init_state
 
 # Photos (not drawings or test charts) shipped with scikit-image; three are held out.
 TRAIN_PHOTOS = (
-    "astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "retina.jpg",
-    "camera.png", "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png",
+    "astronaut.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "retina.jpg",
+    "camera.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "moon.png",
+    "coins.png",
 )
 HELDOUT_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 EVAL_SIZE = 128
 # Ten CPU minutes are too few for the adversarial phase to pay off in PSNR: the demo trains
 # reconstruction (L1 + LPIPS + KL) only, on 64x64 crops of photos resized to 128.
 DEFAULTS = [
-    "workdir=demo_workdir", "train.steps=400", "loss.disc_weight=0", "optim.lr=1e-3",
-    "data.resize=128", "log.every=25", "log.images_every=100", "checkpoint.every=100",
+    "workdir=demo_workdir",
+    "train.steps=400",
+    "loss.disc_weight=0",
+    "optim.lr=1e-3",
+    "data.resize=128",
+    "log.every=25",
+    "log.images_every=100",
+    "checkpoint.every=100",
 ]
 
 
@@ -79,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg)
     codec = sigmavae_jax.load(result.export)
     psnr_after = mean_psnr(codec.reconstruct, heldout)
-    grid = viz.reconstruction_grid([heldout, np.asarray(before.reconstruct(heldout)), np.asarray(codec.reconstruct(heldout))])
+    grid = viz.reconstruction_grid(
+        [heldout, np.asarray(before.reconstruct(heldout)), np.asarray(codec.reconstruct(heldout))]
+    )
     figure = viz.save_png(result.workdir / "demo_heldout_before_after.png", grid)
     print(f"trained {result.step} steps in {time.perf_counter() - start:.0f} s; workdir {result.workdir}")
     print(f"held-out originals / before / after: {figure}")

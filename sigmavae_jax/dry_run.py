@@ -54,7 +54,7 @@ def per_device_bytes(tree: Any) -> int:
         shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # a key is its key data: uint32 words
             data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-            shape, dtype = (*shape, *data.shape[len(leaf.shape):]), data.dtype
+            shape, dtype = (*shape, *data.shape[len(leaf.shape) :]), data.dtype
         else:
             dtype = leaf.dtype
         total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -98,8 +98,10 @@ def cost_of(program) -> dict[str, float]:
 
 # Where a report's FLOPs come from, as its text and JSON say.
 COMPILED = "the compiled program's cost analysis"
-LOWERED_ON_CPU = ("XLA's count of the same program lowered for one CPU device, with the same kernels and batch "
-                  "per device; the GPU compiler counts none")
+LOWERED_ON_CPU = (
+    "XLA's count of the same program lowered for one CPU device, with the same kernels and batch "
+    "per device; the GPU compiler counts none"
+)
 
 
 def one_cpu_mesh():
@@ -117,8 +119,10 @@ def step_flops_on_one_cpu(cfg: Config, per_device: int, kernels: Kernels) -> flo
     """FLOPs of one device's training step of `cfg` at `per_device` images, with `kernels`:
     the step built for one CPU device (mesh 1 x 1) and lowered, not compiled. Replicated
     parameters, so the optimizer and EMA updates count whole, as on each data-parallel device."""
-    one = with_overrides(cfg, [f"train.batch_size={per_device}", "train.mesh_data=1", "train.mesh_fsdp=1",
-                               f"train.kernels={kernels.name}"])
+    one = with_overrides(
+        cfg,
+        [f"train.batch_size={per_device}", "train.mesh_data=1", "train.mesh_fsdp=1", f"train.kernels={kernels.name}"],
+    )
     program = build_program(one, one_cpu_mesh(), abstract=True)
     return lowered_flops(program.step, program.abstract_arguments())
 
@@ -175,13 +179,17 @@ class Report:
 
     @property
     def bound(self) -> str | None:
-        """"compute" or "memory"; "compute only" when there is no bytes figure to compare."""
+        """ "compute" or "memory"; "compute only" when there is no bytes figure to compare."""
         if not self.flops_per_image:
             return None
         if not self.bytes_per_image:
             return "compute only"
         chip = self.tpu_slice.chip
-        return "compute" if chip.bf16_flops / self.flops_per_image <= chip.hbm_bandwidth / self.bytes_per_image else "memory"
+        return (
+            "compute"
+            if chip.bf16_flops / self.flops_per_image <= chip.hbm_bandwidth / self.bytes_per_image
+            else "memory"
+        )
 
     def lines(self) -> list[str]:
         """The report as text, one figure a line."""
@@ -195,29 +203,43 @@ class Report:
             f"HBM per {unit}:",
         ]
         lines += [f"  {'argument ' + name:<28} {gib(size)}" for name, size in self.arguments.items()]
-        for name, size in (("arguments as laid out", self.allocated_arguments), ("temporaries", self.temporaries),
-                           ("outputs", self.outputs), ("outputs in donated inputs", self.aliased), ("program code", self.code)):
+        for name, size in (
+            ("arguments as laid out", self.allocated_arguments),
+            ("temporaries", self.temporaries),
+            ("outputs", self.outputs),
+            ("outputs in donated inputs", self.aliased),
+            ("program code", self.code),
+        ):
             if size is not None and (size or name == "temporaries"):
                 lines.append(f"  {name:<28} {'-' if name.startswith('outputs in') else ''}{gib(size)}")
         verdict = "fits" if self.fits else "does not fit"
-        lines.append(f"  {'total':<28} {gib(self.total)} of {gib(self.hbm)} ({100 * self.total / self.hbm:.0f}%): {verdict}")
+        lines.append(
+            f"  {'total':<28} {gib(self.total)} of {gib(self.hbm)} ({100 * self.total / self.hbm:.0f}%): {verdict}"
+        )
         if chip.platform == "gpu":
-            lines.append(f"  ({gib(self.hbm)}: the {topology.gpu_memory_fraction():.0%} of the GPU's {gib(chip.hbm_bytes)} "
-                         "that JAX's allocator takes; XLA_CLIENT_MEM_FRACTION, set for the run and this dry run, changes it)")
+            lines.append(
+                f"  ({gib(self.hbm)}: the {topology.gpu_memory_fraction():.0%} of the GPU's {gib(chip.hbm_bytes)} "
+                "that JAX's allocator takes; XLA_CLIENT_MEM_FRACTION, set for the run and this dry run, changes it)"
+            )
         if self.refusal:
             lines.append(f"  the compiler: {self.refusal}")
         if self.flops_per_image:
             rate = self.roofline_images_per_s
-            flops = (f"{self.flops_per_image / 1e12:.3f} TFLOP" if self.flops_per_image >= 1e11
-                     else f"{self.flops_per_image / 1e9:.2f} GFLOP")
+            flops = (
+                f"{self.flops_per_image / 1e12:.3f} TFLOP"
+                if self.flops_per_image >= 1e11
+                else f"{self.flops_per_image / 1e9:.2f} GFLOP"
+            )
             peaks = f"{chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s"
             if self.bytes_per_image:
                 lines.append(f"per image: {flops}, {self.bytes_per_image / 1e9:.3f} GB of HBM traffic")
                 lines.append(f"roofline: {rate:.1f} images/s per {unit} ({self.bound}-bound; {peaks})")
             else:
                 lines.append(f"per image: {flops} ({self.flops_source}); HBM traffic: no figure")
-                lines.append(f"roofline: {rate:.1f} images/s per {unit} at the compute peak alone ({peaks}): an upper "
-                             "bound, since without a bytes figure the memory term is unknown")
+                lines.append(
+                    f"roofline: {rate:.1f} images/s per {unit} at the compute peak alone ({peaks}): an upper "
+                    "bound, since without a bytes figure the memory term is unknown"
+                )
         return lines
 
     def figures(self) -> dict[str, Any]:
@@ -228,21 +250,45 @@ class Report:
         if chip.platform == "gpu":
             gpu = {"device_memory": chip.hbm_bytes, "memory_fraction": topology.gpu_memory_fraction()}
         return {
-            "program": self.program, "topology": self.tpu_slice.topology, "name": self.tpu_slice.name,
-            "platform": chip.platform, "device": chip.name, **gpu, "kernels": self.kernels,
-            "chips": self.tpu_slice.chips, "hosts": self.tpu_slice.hosts, "batch_per_chip": self.batch_per_chip,
-            "hbm_arguments": self.arguments, "hbm_arguments_allocated": self.allocated_arguments,
-            "hbm_temporaries": self.temporaries, "hbm_outputs": self.outputs,
-            "hbm_aliased": self.aliased, "hbm_code": self.code, "hbm_total": self.total, "hbm_capacity": self.hbm,
-            "fits": self.fits, "flops_per_image": self.flops_per_image, "bytes_per_image": self.bytes_per_image,
+            "program": self.program,
+            "topology": self.tpu_slice.topology,
+            "name": self.tpu_slice.name,
+            "platform": chip.platform,
+            "device": chip.name,
+            **gpu,
+            "kernels": self.kernels,
+            "chips": self.tpu_slice.chips,
+            "hosts": self.tpu_slice.hosts,
+            "batch_per_chip": self.batch_per_chip,
+            "hbm_arguments": self.arguments,
+            "hbm_arguments_allocated": self.allocated_arguments,
+            "hbm_temporaries": self.temporaries,
+            "hbm_outputs": self.outputs,
+            "hbm_aliased": self.aliased,
+            "hbm_code": self.code,
+            "hbm_total": self.total,
+            "hbm_capacity": self.hbm,
+            "fits": self.fits,
+            "flops_per_image": self.flops_per_image,
+            "bytes_per_image": self.bytes_per_image,
             "flops_source": self.flops_source if self.flops_per_image else None,
-            "roofline_images_per_s_per_chip": self.roofline_images_per_s, "bound": self.bound,
+            "roofline_images_per_s_per_chip": self.roofline_images_per_s,
+            "bound": self.bound,
             "compile_s": round(self.compile_s, 2),
         }
 
 
-def report_of(program: str, tpu_slice: Slice, jitted, args: tuple, parts: dict[str, Any], batch_per_chip: int,
-              keep: dict | None = None, flops: Callable[[], float] | None = None, kernels: str | None = None) -> Report:
+def report_of(
+    program: str,
+    tpu_slice: Slice,
+    jitted,
+    args: tuple,
+    parts: dict[str, Any],
+    batch_per_chip: int,
+    keep: dict | None = None,
+    flops: Callable[[], float] | None = None,
+    kernels: str | None = None,
+) -> Report:
     """Compiles `jitted` at `args` and reports it. parts: name -> the subtree of `args` it
     names, for the arguments' breakdown. keep: when given, gets the compiled program under
     "compiled" (for callers that read it further). flops: one device's FLOPs from elsewhere
@@ -254,9 +300,18 @@ def report_of(program: str, tpu_slice: Slice, jitted, args: tuple, parts: dict[s
         compiled, seconds = compile_for_slice(jitted, args)
     except DoesNotFit as refused:
         total = refused.used or sum(arguments.values()) + (refused.temporaries or 0)
-        return Report(program, tpu_slice, batch_per_chip, arguments, total=total, fits=False,
-                      temporaries=refused.temporaries, compile_s=time.perf_counter() - start, refusal=str(refused),
-                      kernels=kernels)
+        return Report(
+            program,
+            tpu_slice,
+            batch_per_chip,
+            arguments,
+            total=total,
+            fits=False,
+            temporaries=refused.temporaries,
+            compile_s=time.perf_counter() - start,
+            refusal=str(refused),
+            kernels=kernels,
+        )
     if keep is not None:
         keep["compiled"] = compiled
     memory = compiled.memory_analysis()
@@ -265,15 +320,30 @@ def report_of(program: str, tpu_slice: Slice, jitted, args: tuple, parts: dict[s
     if "flops" not in cost and flops is not None:
         cost, source = {"flops": flops()}, LOWERED_ON_CPU
     bytes_accessed = cost.get("bytes accessed")
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.generated_code_size_in_bytes
+    )
     return Report(
-        program, tpu_slice, batch_per_chip, arguments, total=total, fits=total <= tpu_slice.capacity,
-        allocated_arguments=memory.argument_size_in_bytes, temporaries=memory.temp_size_in_bytes, outputs=memory.output_size_in_bytes, aliased=memory.alias_size_in_bytes,
+        program,
+        tpu_slice,
+        batch_per_chip,
+        arguments,
+        total=total,
+        fits=total <= tpu_slice.capacity,
+        allocated_arguments=memory.argument_size_in_bytes,
+        temporaries=memory.temp_size_in_bytes,
+        outputs=memory.output_size_in_bytes,
+        aliased=memory.alias_size_in_bytes,
         code=memory.generated_code_size_in_bytes,
         flops_per_image=cost["flops"] / batch_per_chip if "flops" in cost else None,
-        bytes_per_image=None if bytes_accessed is None else bytes_accessed / batch_per_chip, compile_s=seconds,
-        flops_source=source, kernels=kernels,
+        bytes_per_image=None if bytes_accessed is None else bytes_accessed / batch_per_chip,
+        compile_s=seconds,
+        flops_source=source,
+        kernels=kernels,
     )
 
 
@@ -317,19 +387,37 @@ def train_step_report(cfg: Config, tpu_slice: Slice, keep: dict | None = None, *
         keep["program"], keep["arguments"] = program, (state, images, lpips)
     per_chip = cfg.train.batch_size // mesh.size
     reference = (lambda: step_flops_on_one_cpu(cfg, per_chip, program.modules.kernels)) if flops else None
-    return report_of("train step", tpu_slice, program.step, (state, images, lpips), parts, per_chip, keep, reference,
-                     program.modules.kernels.name)
+    return report_of(
+        "train step",
+        tpu_slice,
+        program.step,
+        (state, images, lpips),
+        parts,
+        per_chip,
+        keep,
+        reference,
+        program.modules.kernels.name,
+    )
 
 
-def codec_reports(model_cfg: ModelConfig, tpu_slice: Slice, *, size: int, batch_size: int, dtype: str = "float32",
-                  keep: dict | None = None) -> list[Report]:
+def codec_reports(
+    model_cfg: ModelConfig,
+    tpu_slice: Slice,
+    *,
+    size: int,
+    batch_size: int,
+    dtype: str = "float32",
+    keep: dict | None = None,
+) -> list[Report]:
     """Encode and decode, as a codec runs them, compiled for `tpu_slice` on a global batch of
     `batch_size` images of size x size split over its chips (parameters replicated)."""
     mesh = parallel.make_mesh(-1, 1, devices=topology.slice_devices(tpu_slice))
     unit = tpu_slice.chip.unit
     if batch_size % mesh.size:
-        raise ValueError(f"--batch-size {batch_size} must be a multiple of the {mesh.size} {unit}s; "
-                         f"use {max(mesh.size, batch_size // mesh.size * mesh.size)}")
+        raise ValueError(
+            f"--batch-size {batch_size} must be a multiple of the {mesh.size} {unit}s; "
+            f"use {max(mesh.size, batch_size // mesh.size * mesh.size)}"
+        )
     kernels = select("auto", mesh.devices.flat)
     per_device = batch_size // mesh.size
     programs = _codec_programs(model_cfg, mesh, kernels, size=size, batch_size=batch_size, dtype=dtype)
@@ -337,19 +425,33 @@ def codec_reports(model_cfg: ModelConfig, tpu_slice: Slice, *, size: int, batch_
     on_cpu = dict.fromkeys(programs)
     reports = []
     for name, (jitted, args, parts) in programs.items():
+
         def flops(name=name):
             if on_cpu[name] is None:
-                on_cpu.update(_codec_programs(model_cfg, one_cpu_mesh(), kernels, size=size, batch_size=per_device,
-                                              dtype=dtype))
+                on_cpu.update(
+                    _codec_programs(model_cfg, one_cpu_mesh(), kernels, size=size, batch_size=per_device, dtype=dtype)
+                )
             return lowered_flops(*on_cpu[name][:2])
 
-        reports.append(report_of(name, tpu_slice, jitted, args, parts, per_device,
-                                 None if keep is None else keep.setdefault(name, {}), flops, kernels.name))
+        reports.append(
+            report_of(
+                name,
+                tpu_slice,
+                jitted,
+                args,
+                parts,
+                per_device,
+                None if keep is None else keep.setdefault(name, {}),
+                flops,
+                kernels.name,
+            )
+        )
     return reports
 
 
-def _codec_programs(model_cfg: ModelConfig, mesh, kernels: Kernels, *, size: int, batch_size: int,
-                    dtype: str) -> dict[str, tuple[Any, tuple, dict[str, Any]]]:
+def _codec_programs(
+    model_cfg: ModelConfig, mesh, kernels: Kernels, *, size: int, batch_size: int, dtype: str
+) -> dict[str, tuple[Any, tuple, dict[str, Any]]]:
     """{"encode", "decode"} -> (jitted, abstract args, the args' parts) of the codec with
     `kernels` on `mesh`: parameters replicated, a global batch of `batch_size` split."""
     model = api.abstract_model(model_cfg, api.DTYPES[dtype], kernels)
@@ -398,7 +500,9 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 1, limit: int = 1 
 def advice(report: Report, cfg: Config) -> str:
     """What to change when the step does not fit, from the settings of `cfg`."""
     unit = report.tpu_slice.chip.unit
-    hints = [f"lower train.batch_size (now {report.batch_per_chip} per {unit}; --find-batch finds the largest that fits)"]
+    hints = [
+        f"lower train.batch_size (now {report.batch_per_chip} per {unit}; --find-batch finds the largest that fits)"
+    ]
     if not cfg.train.remat:
         hints.append("set train.remat=true (recompute block activations in the backward pass)")
     if cfg.train.compute_dtype != "bfloat16":
@@ -406,22 +510,48 @@ def advice(report: Report, cfg: Config) -> str:
     if cfg.train.mesh_fsdp == 1 and report.tpu_slice.chips > 1:
         hints.append(f"shard parameters and optimizer state with train.mesh_fsdp={min(report.tpu_slice.chips, 8)}")
     if report.tpu_slice.chip.platform == "gpu" and topology.gpu_memory_fraction() < 0.9:
-        hints.append(f"let JAX take more of each GPU: XLA_CLIENT_MEM_FRACTION=0.9 in the run's environment (and this "
-                     f"one's; now {topology.gpu_memory_fraction():g})")
+        hints.append(
+            f"let JAX take more of each GPU: XLA_CLIENT_MEM_FRACTION=0.9 in the run's environment (and this "
+            f"one's; now {topology.gpu_memory_fraction():g})"
+        )
     return "; or ".join(hints)
 
 
 _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-             "s64": 8, "u64": 8, "f64": 8}
+_ITEMSIZE = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
-_NOT_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast", "after-all", "partition-id",
-                "replica-id", "iota"}
+_NOT_TRAFFIC = {
+    "parameter",
+    "tuple",
+    "get-tuple-element",
+    "constant",
+    "bitcast",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "iota",
+}
 
 
 def _shape_bytes(text: str) -> int:
-    return sum(_ITEMSIZE[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-               for dtype, dims in _SHAPE.findall(text))
+    return sum(
+        _ITEMSIZE[dtype] * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+        for dtype, dims in _SHAPE.findall(text)
+    )
 
 
 def hlo_traffic(hlo_text: str) -> list[dict[str, Any]]:
@@ -449,12 +579,14 @@ def hlo_traffic(hlo_text: str) -> list[dict[str, Any]]:
         kind = re.search(r"kind=(\w+)", rest)
         op_name = re.search(r'op_name="([^"]*)"', rest)
         shape = _SHAPE.search(output)
-        rows.append({
-            "bytes": produced[name] + sum(produced.get(operand, 0) for operand in operands),
-            "op": f"{opcode}:{kind.group(1)}" if kind else opcode,
-            "shape": shape.group(0) if shape else output[:40],
-            "source": op_name.group(1) if op_name else name,
-        })
+        rows.append(
+            {
+                "bytes": produced[name] + sum(produced.get(operand, 0) for operand in operands),
+                "op": f"{opcode}:{kind.group(1)}" if kind else opcode,
+                "shape": shape.group(0) if shape else output[:40],
+                "source": op_name.group(1) if op_name else name,
+            }
+        )
     rows.sort(key=lambda row: -row["bytes"])
     return rows
 

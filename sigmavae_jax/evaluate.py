@@ -69,8 +69,14 @@ def _mesh_and_local_batch(settings: EvalSettings):
 
 
 def _eval_batches(cfg: Config, settings: EvalSettings, local_batch: int) -> data.EvalIterator:
-    return data.eval_batches(cfg, size=settings.size, batch_size=local_batch, process_index=jax.process_index(),
-                             process_count=jax.process_count(), limit=settings.num_images)
+    return data.eval_batches(
+        cfg,
+        size=settings.size,
+        batch_size=local_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        limit=settings.num_images,
+    )
 
 
 def _local_rows(array: jax.Array) -> np.ndarray:
@@ -115,22 +121,28 @@ class _EvalLoop:
     shows on process 0 alone, and only with `progress`. Raises ValueError when settings.batch_size
     is not a multiple of the device count."""
 
-    def __init__(self, cfg: Config, settings: EvalSettings, batch_values: BatchValues, variables: Any, *,
-                 progress: bool = True):
+    def __init__(
+        self, cfg: Config, settings: EvalSettings, batch_values: BatchValues, variables: Any, *, progress: bool = True
+    ):
         self._mesh, local_batch = _mesh_and_local_batch(settings)
         self._step = jax.jit(batch_values, out_shardings=parallel.batch_sharding(self._mesh))
         self._variables = jax.device_put(variables, parallel.replicated(self._mesh))
         self._seed = settings.seed
         self._batches = _eval_batches(cfg, settings, local_batch)
-        self._bar = tqdm(total=len(self._batches), unit="batch", dynamic_ncols=True,
-                         disable=not (progress and jax.process_index() == 0))
+        self._bar = tqdm(
+            total=len(self._batches),
+            unit="batch",
+            dynamic_ncols=True,
+            disable=not (progress and jax.process_index() == 0),
+        )
 
     def __iter__(self) -> Iterator[_Batch]:
         key = jax.random.key(self._seed)
         with self._batches, self._bar:
             for index, (images, count) in enumerate(self._batches):
-                values = self._step(self._variables, parallel.global_batch(images, self._mesh),
-                                    jax.random.fold_in(key, index))
+                values = self._step(
+                    self._variables, parallel.global_batch(images, self._mesh), jax.random.fold_in(key, index)
+                )
                 yield _Batch(images, count, values)
                 self._bar.update(1)
 
@@ -270,8 +282,13 @@ def evaluate(
     out_dir = storage.reachable(out_dir) if out_dir is not None else None
     lpips_graph, lpips_vars = _graph_and_variables(lpips)
     inception_graph, inception_vars = _graph_and_variables(inception)
-    loop = _EvalLoop(cfg, settings, _metric_values(codec, settings, lpips_graph, inception_graph),
-                     (codec.params, lpips_vars, inception_vars), progress=progress)
+    loop = _EvalLoop(
+        cfg,
+        settings,
+        _metric_values(codec, settings, lpips_graph, inception_graph),
+        (codec.params, lpips_vars, inception_vars),
+        progress=progress,
+    )
     names = ("psnr", "ssim", "lpips") if lpips is not None else ("psnr", "ssim")
     sums: dict[str, Any] = {"count": 0.0}
     features = {"real": _FeatureSums(), "fake": _FeatureSums()} if inception is not None else {}
@@ -305,8 +322,10 @@ def evaluate(
         "skipped_images": loop.skipped(),
     }
     if inception is not None:
-        real, fake = (metrics.FeatureStats(FEATURE_DIM).add(count, sums[f"{n}_total"], sums[f"{n}_outer"])
-                      for n in ("real", "fake"))
+        real, fake = (
+            metrics.FeatureStats(FEATURE_DIM).add(count, sums[f"{n}_total"], sums[f"{n}_outer"])
+            for n in ("real", "fake")
+        )
         mu_real, sigma_real = _reference(real, reference_stats, settings)
         mu_fake, sigma_fake = fake.mean_cov()
         report["rfid"] = metrics.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
@@ -351,11 +370,15 @@ def latent_statistics(codec: Codec, cfg: Config, settings: EvalSettings, *, prog
 
     def batch_values(params, images, key):
         z = _latent(nnx.merge(codec.graphdef, params), settings, images, key).astype(jnp.float32)  # (B, h, w, C)
-        return {"positions": jnp.full(z.shape[:1], z.shape[1] * z.shape[2], jnp.int32),
-                "sum": jnp.sum(z, axis=(1, 2)), "squares": jnp.sum(z * z, axis=(1, 2))}
+        return {
+            "positions": jnp.full(z.shape[:1], z.shape[1] * z.shape[2], jnp.int32),
+            "sum": jnp.sum(z, axis=(1, 2)),
+            "squares": jnp.sum(z * z, axis=(1, 2)),
+        }
 
-    sums = _merged_row_sums(_EvalLoop(cfg, settings, batch_values, codec.params, progress=progress),
-                            ("positions", "sum", "squares"))
+    sums = _merged_row_sums(
+        _EvalLoop(cfg, settings, batch_values, codec.params, progress=progress), ("positions", "sum", "squares")
+    )
     if sums["count"] == 0:
         raise ValueError("no readable image in the data")
     count, total, squares = float(sums["positions"]), sums["sum"], sums["squares"]
@@ -414,21 +437,30 @@ def robustness(
     Returns [{"sigma", "psnr", "lpips" (None without an LPIPS)}] in the order of `sigmas`, the
     same on every process. Raises ValueError when no image is readable."""
     lpips_graph, lpips_vars = _graph_and_variables(lpips)
-    loop = _EvalLoop(cfg, settings, _robustness_values(codec, sigmas, lpips_graph), (codec.params, lpips_vars),
-                     progress=progress)
+    loop = _EvalLoop(
+        cfg, settings, _robustness_values(codec, sigmas, lpips_graph), (codec.params, lpips_vars), progress=progress
+    )
     sums = _merged_row_sums(loop, ("psnr", "lpips") if lpips is not None else ("psnr",))
     count = float(sums["count"])
     if count == 0:
         raise ValueError("no readable image in the data")
     return [
-        {"sigma": float(sigma), "psnr": float(sums["psnr"][i]) / count,
-         "lpips": float(sums["lpips"][i]) / count if lpips is not None else None}
+        {
+            "sigma": float(sigma),
+            "psnr": float(sums["psnr"][i]) / count,
+            "lpips": float(sums["lpips"][i]) / count if lpips is not None else None,
+        }
         for i, sigma in enumerate(sigmas)
     ]
 
 
 def latent_figure_data(
-    codec: Codec, cfg: Config, settings: EvalSettings, *, num_shown: int = 4, max_values: int = 100_000,
+    codec: Codec,
+    cfg: Config,
+    settings: EvalSettings,
+    *,
+    num_shown: int = 4,
+    max_values: int = 100_000,
     progress: bool = True,
 ) -> dict[str, Any]:
     """What the latent figures need from one model over cfg.data (the latent is the posterior

@@ -136,9 +136,7 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> pathlib.Path:
     from huggingface_hub import snapshot_download
 
     # allow_patterns=[]: resolve the revision only; which files are there is checked below
-    return pathlib.Path(
-        snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=[])
-    )
+    return pathlib.Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=[]))
 
 
 def _download(repo_id: str, commit: str, files: list[str]) -> pathlib.Path:
@@ -172,9 +170,7 @@ def _hub_error(error: Exception, repo_id: str, revision: str | None, name: str) 
             f"(check the spelling; for a private repo log in with {LOGIN})"
         )
     if isinstance(error, errors.RevisionNotFoundError):
-        return HubError(
-            f"{repo_id} has no revision {revision!r}: use one of its branches, tags or commit hashes"
-        )
+        return HubError(f"{repo_id} has no revision {revision!r}: use one of its branches, tags or commit hashes")
     if isinstance(error, errors.DisabledRepoError):
         return HubError(f"{repo_id} has been disabled on the Hugging Face Hub; pick another repo")
     if isinstance(error, errors.LocalEntryNotFoundError) and _offline():
@@ -259,8 +255,8 @@ def _children(files: list[str], subfolder: str | None) -> dict[str, str]:
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     out = {}
     for path in files:
-        if path.startswith(prefix) and "/" not in path[len(prefix):]:
-            out[path[len(prefix):]] = path
+        if path.startswith(prefix) and "/" not in path[len(prefix) :]:
+            out[path[len(prefix) :]] = path
     return out
 
 
@@ -290,7 +286,9 @@ def _pick_files(files: list[str], subfolder: str | None, where: str) -> list[str
                 )
     if weights is None:
         prefix = f"{subfolder}/" if subfolder else ""
-        subdirs = sorted({p[len(prefix):].split("/")[0] for p in files if p.startswith(prefix) and "/" in p[len(prefix):]})
+        subdirs = sorted(
+            {p[len(prefix) :].split("/")[0] for p in files if p.startswith(prefix) and "/" in p[len(prefix) :]}
+        )
         hint = f"; its folders: {', '.join(subdirs)} (name one as subfolder=, or {where}/FOLDER)" if subdirs else ""
         raise HubError(
             f"{where} holds no VAE weights (expected {SIDE_CONFIG} + diffusion_pytorch_model.safetensors, "
@@ -313,18 +311,17 @@ def _convert(src: pathlib.Path, out: pathlib.Path) -> list[str]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
         [sys.executable, "-m", "sigmavae_jax.cli.convert", str(src), str(out)],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     lines = done.stderr.splitlines()
     if done.returncode != 0:
         errors = [line for line in lines if line.startswith("error: ")]
-        detail = (
-            "\n".join(lines[lines.index(errors[0]):])[len("error: "):]
-            if errors
-            else "\n".join(lines[-20:])
-        )
+        detail = "\n".join(lines[lines.index(errors[0]) :])[len("error: ") :] if errors else "\n".join(lines[-20:])
         raise HubError(f"converting {src} failed: {detail}")
-    return [line[len("warning: "):] for line in lines if line.startswith("warning: ")]
+    return [line[len("warning: ") :] for line in lines if line.startswith("warning: ")]
 
 
 def _publish(tmp: pathlib.Path, final: pathlib.Path) -> pathlib.Path:
@@ -350,7 +347,9 @@ def resolve(
     what to do."""
     if storage.is_remote(name_or_path):  # gs://... is read where it lies
         if subfolder is not None or revision is not None:
-            raise ValueError(f"{name_or_path} is not a Hugging Face Hub name; subfolder= and revision= only apply to Hub names")
+            raise ValueError(
+                f"{name_or_path} is not a Hugging Face Hub name; subfolder= and revision= only apply to Hub names"
+            )
         return storage.path(name_or_path)
     path = pathlib.Path(name_or_path).expanduser()
     parsed = parse_name(name_or_path) if isinstance(name_or_path, str) and not path.exists() else None

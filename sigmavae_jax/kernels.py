@@ -85,7 +85,9 @@ def _conv3x3_backward(saved, cotangent):
     for i in range(0, b, images):
         for r in range(0, h, rows):
             piece = x_rows[i : i + images, r : r + min(rows, h - r) + 2]
-            grad = jax.vjp(lambda k: _same_conv(piece, k, (0, 0)), kernel)[1](cotangent[i : i + images, r : r + rows])[0]
+            grad = jax.vjp(lambda k: _same_conv(piece, k, (0, 0)), kernel)[1](cotangent[i : i + images, r : r + rows])[
+                0
+            ]
             dkernel = dkernel + grad.astype(jnp.float32)
     return dx, dkernel.astype(kernel.dtype)
 
@@ -130,8 +132,16 @@ def cpu_conv_general_dilated(
             return conv3x3(lhs, rhs)
     kwargs.pop("out_sharding", None)
     return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, precision=precision, **kwargs,
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision=precision,
+        **kwargs,
     )
 
 
@@ -173,8 +183,9 @@ def upsampled_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Its input gradient is a stride-2 conv of the cotangent. Differentiates with XLA's own rules
     in both modes.
     """
-    return jax.lax.conv_general_dilated(x, box_kernel(kernel), (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2),
-                                        dimension_numbers=_NHWC)
+    return jax.lax.conv_general_dilated(
+        x, box_kernel(kernel), (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2), dimension_numbers=_NHWC
+    )
 
 
 def _upsampled_conv_one_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -214,17 +225,21 @@ def _upsampled_conv_backward(saved, cotangent):
     phases, fold_back = jax.vjp(phase_kernel, kernel)
     dy = cotangent.reshape(b, h, 2, w, 2, c_out)
     z = jnp.stack(
-        [jnp.stack([jnp.pad(dy[:, :, a, :, c], ((0, 0), (a, 1 - a), (c, 1 - c), (0, 0))) for c in (0, 1)], axis=3)
-         for a in (0, 1)],
+        [
+            jnp.stack([jnp.pad(dy[:, :, a, :, c], ((0, 0), (a, 1 - a), (c, 1 - c), (0, 0))) for c in (0, 1)], axis=3)
+            for a in (0, 1)
+        ],
         axis=3,
     ).reshape(b, h + 1, w + 1, 4 * c_out)
     flipped = jnp.flip(phases, (0, 1)).transpose(0, 1, 3, 2)  # (2, 2, 4 C_out, C_in)
     dx = jax.lax.conv_general_dilated(z, flipped, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
     x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    d_phases = jnp.stack([
-        jnp.stack([jnp.einsum("bhwc,bhwo->co", x_pad[:, p : p + h + 1, q : q + w + 1], z) for q in (0, 1)])
-        for p in (0, 1)
-    ])
+    d_phases = jnp.stack(
+        [
+            jnp.stack([jnp.einsum("bhwc,bhwo->co", x_pad[:, p : p + h + 1, q : q + w + 1], z) for q in (0, 1)])
+            for p in (0, 1)
+        ]
+    )
     return dx[:, 1 : h + 1, 1 : w + 1].astype(x.dtype), fold_back(d_phases.astype(phases.dtype))[0]
 
 

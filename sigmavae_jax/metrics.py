@@ -54,8 +54,13 @@ def ssim(a: jax.Array, b: jax.Array, *, window: str = "uniform", sample_covarian
 
     def local_mean(x):  # only fully-inside windows: skimage crops the border away
         return jax.lax.conv_general_dilated(
-            x, depthwise, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=channels, precision=jax.lax.Precision.HIGHEST,
+            x,
+            depthwise,
+            (1, 1),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=channels,
+            precision=jax.lax.Precision.HIGHEST,
         )
 
     n = width * width

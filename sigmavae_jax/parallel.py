@@ -7,7 +7,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sigmavae_jax.config import ConfigError
 
@@ -24,9 +25,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
     if data == -1:
         data = n // fsdp
     if data <= 0 or data * fsdp != n:
-        raise ValueError(
-            f"mesh_data={data} x mesh_fsdp={fsdp} must equal the {n} devices; set mesh_data=-1 to fill"
-        )
+        raise ValueError(f"mesh_data={data} x mesh_fsdp={fsdp} must equal the {n} devices; set mesh_data=-1 to fill")
     return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
@@ -72,8 +71,9 @@ def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
 
 
-
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """jax.distributed.initialize: explicit (coordinator, count, id) or auto-detected (TPU
     pods, SLURM, ...). CPU collectives across processes go through gloo (this setting only
     concerns the CPU backend, so it is harmless on GPU and TPU hosts). Returns once every

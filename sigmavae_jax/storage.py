@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, Union
+from typing import TypeVar, Union
 
 from etils import epath
 
@@ -55,7 +55,7 @@ def path(value: str | os.PathLike) -> Path:
     pathlib.Path (`~` expanded, symlinks resolved). Does no I/O on remote paths."""
     text = os.fspath(value)
     if is_remote(text):
-        bucket = text[len(REMOTE_PREFIX):].split("/", 1)[0]
+        bucket = text[len(REMOTE_PREFIX) :].split("/", 1)[0]
         if not bucket:
             raise StorageError(f"{text}: no bucket name; write gs://BUCKET/path")
         return epath.Path(text)
@@ -63,7 +63,7 @@ def path(value: str | os.PathLike) -> Path:
 
 
 def bucket_of(value: str | os.PathLike) -> str:
-    return str(value)[len(REMOTE_PREFIX):].split("/", 1)[0]
+    return str(value)[len(REMOTE_PREFIX) :].split("/", 1)[0]
 
 
 def timeout_s() -> float:
@@ -198,4 +198,3 @@ class AppendLog:
             self.flush()
         else:
             self._file.close()
-

@@ -251,8 +251,13 @@ def tiled_apply(
 
     sweeps = 1 + stat_sweeps if record else 1
     total = norm = stats = None
-    with tqdm(total=len(tiles) * sweeps, desc="tiles", unit="tile", leave=False,
-              disable=not progress or len(tiles) * sweeps < 8) as bar:
+    with tqdm(
+        total=len(tiles) * sweeps,
+        desc="tiles",
+        unit="tile",
+        leave=False,
+        disable=not progress or len(tiles) * sweeps < 8,
+    ) as bar:
         for _ in range(stat_sweeps if record else 0):
             records = []
             for r, c in tiles:

@@ -126,8 +126,18 @@ def _cloud_shapes(chip: Chip) -> dict[str, tuple[int, ...]]:
     """Cloud accelerator type -> chip grid: v4/v5p count TensorCores (v4-32 is 16 chips,
     2x2x4); v5litepod/v6e count chips (v5litepod-16 is 4x4)."""
     if chip.dims == 3:
-        grids = [(2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8), (8, 8, 8), (8, 8, 16),
-                 (8, 16, 16)]
+        grids = [
+            (2, 2, 1),
+            (2, 2, 2),
+            (2, 2, 4),
+            (2, 4, 4),
+            (4, 4, 4),
+            (4, 4, 8),
+            (4, 8, 8),
+            (8, 8, 8),
+            (8, 8, 16),
+            (8, 16, 16),
+        ]
     else:
         grids = [(1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)]
     return {f"{chip.cloud_prefix}-{math.prod(g) * chip.cores}": g for g in grids}
@@ -156,8 +166,10 @@ def _parse_gpus(name: str, text: str) -> Slice | None:
     first, second, model = match.groups()
     nodes, per_node = (int(first), int(second)) if second else (1, int(first or 1))
     if not (nodes >= 1 and 1 <= per_node <= GPUS_PER_NODE):
-        raise UnknownTopology(f"topology {name!r}: a node holds 1 to {GPUS_PER_NODE} GPUs and there is at least one "
-                              f"node; name more GPUs as nodes, e.g. 2x8x{model}")
+        raise UnknownTopology(
+            f"topology {name!r}: a node holds 1 to {GPUS_PER_NODE} GPUs and there is at least one "
+            f"node; name more GPUs as nodes, e.g. 2x8x{model}"
+        )
     return Slice(name, model, (nodes, per_node))
 
 
@@ -187,8 +199,10 @@ def parse_slice(name: str) -> Slice:
                 f"topology {name!r}: {dims}D {generation} slices are whole hosts of "
                 f"{'x'.join(map(str, bounds[:dims]))} chips (or 1x1, 2x2, 2x4 on one host); e.g. {generation}:4x4"
             )
-        raise UnknownTopology(f"topology {name!r}: {generation} slices have {dims} dimensions, e.g. "
-                              f"{generation}:{'2x2x1' if dims == 3 else '2x2'}")
+        raise UnknownTopology(
+            f"topology {name!r}: {generation} slices have {dims} dimensions, e.g. "
+            f"{generation}:{'2x2x1' if dims == 3 else '2x2'}"
+        )
     raise UnknownTopology(f"unknown topology {name!r}; known: {', '.join(known_names())}")
 
 
@@ -243,8 +257,10 @@ def _gpu_devices(gpus: Slice) -> list:
         ) from None
     except Exception as error:  # a plugin that cannot read the description
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RuntimeError(f"cannot describe GPUs {gpus.topology} on this host ({message}); reinstall the "
-                           "CUDA compiler plugin matching this jax with pip install -e '.[gpu]'") from None
+        raise RuntimeError(
+            f"cannot describe GPUs {gpus.topology} on this host ({message}); reinstall the "
+            "CUDA compiler plugin matching this jax with pip install -e '.[gpu]'"
+        ) from None
     return list(description.devices)
 
 

@@ -65,7 +65,9 @@ def robustness_figure(path: str | storage.Path, curves: dict[str, list[dict[str,
         axes[0, 0].plot(sigmas, [row["psnr"] for row in rows], marker="o", label=name)
         if with_lpips:
             axes[0, 1].plot(sigmas, [row["lpips"] for row in rows], marker="o", label=name)
-    axes[0, 0].set(xlabel="latent noise sigma (x latent std)", ylabel="PSNR (dB)", title="reconstruction under latent noise")
+    axes[0, 0].set(
+        xlabel="latent noise sigma (x latent std)", ylabel="PSNR (dB)", title="reconstruction under latent noise"
+    )
     if with_lpips:
         axes[0, 1].set(xlabel="latent noise sigma (x latent std)", ylabel="LPIPS", title="perceptual distance")
     for axis in axes.ravel():
@@ -128,14 +130,17 @@ def latent_pca_figure(models: dict[str, dict[str, np.ndarray]], gap: int = 2, la
     models: name -> {"images": (B, H, W, 3) in [-1, 1], "reconstructions": the same shape,
     "latents": (B, h, w, C)}. The PCA is over all latent positions of that model's images
     (`latent_pca_rgb`), shown nearest-upsampled to the image size. -> (height, 3*W+2*gap, 3) uint8."""
-    from PIL import Image as PILImage, ImageDraw
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
 
     groups = []
     for name, item in models.items():
         images, latents = np.asarray(item["images"]), np.asarray(item["latents"])
         h, w = images.shape[1:3]
         if h % latents.shape[1] or w % latents.shape[2]:
-            raise ValueError(f"{name}: image size {h}x{w} is not a multiple of the latent size {latents.shape[1]}x{latents.shape[2]}")
+            raise ValueError(
+                f"{name}: image size {h}x{w} is not a multiple of the latent size {latents.shape[1]}x{latents.shape[2]}"
+            )
         pca = latent_pca_rgb(latents).repeat(h // latents.shape[1], axis=1).repeat(w // latents.shape[2], axis=2)
         reconstructions = np.asarray(item["reconstructions"])
         rows = [np.stack([images[i], reconstructions[i], pca[i] * 2.0 - 1.0]) for i in range(len(images))]
@@ -172,12 +177,14 @@ def latent_histograms(samples: dict[str, np.ndarray], bins: int = 50) -> list[di
         pooled = np.concatenate(list(present.values()))
         low, high = np.percentile(pooled, [0.1, 99.9])
         edges = np.linspace(min(low, -4.0), max(high, 4.0), bins + 1)
-        out.append({
-            "edges": edges,
-            "density": {name: np.histogram(v, bins=edges, density=True)[0] for name, v in present.items()},
-            "mean": {name: float(v.mean()) for name, v in present.items()},
-            "std": {name: float(v.std()) for name, v in present.items()},
-        })
+        out.append(
+            {
+                "edges": edges,
+                "density": {name: np.histogram(v, bins=edges, density=True)[0] for name, v in present.items()},
+                "mean": {name: float(v.mean()) for name, v in present.items()},
+                "std": {name: float(v.std()) for name, v in present.items()},
+            }
+        )
     return out
 
 
@@ -203,9 +210,11 @@ def latent_histogram_figure(path: str | storage.Path, samples: dict[str, np.ndar
             if name in hist["density"]:
                 axis.stairs(hist["density"][name], hist["edges"], color=colours[i % len(colours)], lw=1.2, label=name)
         stats = "\n".join(f"{hist['mean'][n]:+.2f} / {hist['std'][n]:.2f}" for n in samples if n in hist["mean"])
-        axis.set_title(f"ch {c}: mean / std {stats}" if len(hist["mean"]) == 1 else f"ch {c}: mean / std\n{stats}", fontsize=8)
+        axis.set_title(
+            f"ch {c}: mean / std {stats}" if len(hist["mean"]) == 1 else f"ch {c}: mean / std\n{stats}", fontsize=8
+        )
         axis.tick_params(labelsize=7)
-    for axis in axes.ravel()[len(hists):]:
+    for axis in axes.ravel()[len(hists) :]:
         axis.axis("off")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)

@@ -77,8 +77,14 @@ def main(out: str, coordinator: str, num_processes: str, process_id: str, *overr
     result = train(load_config("tiny", list(overrides)), show_progress=False)
     with open(out, "w") as file:
         json.dump(
-            {"process": jax.process_index(), "marks": marks, "calls": dict(calls), "step": result.step,
-             "reason": result.reason, "export": str(result.export)},
+            {
+                "process": jax.process_index(),
+                "marks": marks,
+                "calls": dict(calls),
+                "step": result.step,
+                "reason": result.reason,
+                "export": str(result.export),
+            },
             file,
         )
 

@@ -63,7 +63,9 @@ def photo_folder_with_tiny_export(root, count: int):
         small = rng.uniform(0, 255, (5, 5, 3)).astype(np.uint8)
         Image.fromarray(small).resize((40 + 3 * i, 36), Image.BICUBIC).save(root / f"{i:02d}.png")
     model_cfg = load_config("tiny").model
-    export = checkpoint.save_params(root / "export", api.params_of(api.build_model(model_cfg, seed=2)), Config(model=model_cfg))
+    export = checkpoint.save_params(
+        root / "export", api.params_of(api.build_model(model_cfg, seed=2)), Config(model=model_cfg)
+    )
     return export, load_config(None, [f"data.path={root}"])
 
 
@@ -79,3 +81,19 @@ def gcs():
     os.environ.update(emulator.environment())
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Smooth random colour images (plus two broken files) in a folder."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        small = rng.uniform(0, 255, (6, 6, 3)).astype(np.uint8)
+        Image.fromarray(small).resize((48 + 4 * i, 40), Image.BICUBIC).save(root / f"img_{i:02d}.png")
+    (root / "broken.jpg").write_bytes(b"not an image at all")
+    good = (root / "img_00.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    return root

@@ -16,7 +16,6 @@ started here with its log going to a file.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -46,9 +45,23 @@ class Emulator:
     def start(self) -> Emulator:
         with open(self.log, "ab") as log:
             self._process = subprocess.Popen(
-                [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                 "-port", str(self.port), "-external-url", self.url, "-log-level", "warn"],
-                stdout=log, stderr=log,
+                [
+                    str(wrapper._get_binary_path()),
+                    "-scheme",
+                    "http",
+                    "-backend",
+                    "memory",
+                    "-host",
+                    "127.0.0.1",
+                    "-port",
+                    str(self.port),
+                    "-external-url",
+                    self.url,
+                    "-log-level",
+                    "warn",
+                ],
+                stdout=log,
+                stderr=log,
             )
         deadline = time.time() + 20
         while time.time() < deadline:
@@ -80,7 +93,8 @@ class Emulator:
         self._buckets += 1
         name = f"{prefix}-{self._buckets}"
         request = urllib.request.Request(
-            self.url + "/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(),
+            self.url + "/storage/v1/b?project=test",
+            data=json.dumps({"name": name}).encode(),
             headers={"Content-Type": "application/json"},
         )
         urllib.request.urlopen(request, timeout=10).read()

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import images
 
 import sigmavae_jax
-from conftest import images
 from sigmavae_jax import api, checkpoint
 from sigmavae_jax.config import Config
 
@@ -86,5 +86,9 @@ def test_params_that_do_not_fit_are_listed(tiny_cfg):
     params = api.params_of(api.build_model(tiny_cfg))
     params["decoder"]["conv_out"]["kernel"] = np.zeros((3, 3, 32, 4), np.float32)
     del params["quant_conv"]
-    with pytest.raises(ValueError, match=r"(?s)2 missing.*quant_conv/bias.*mis-shaped.*decoder/conv_out/kernel got \(3, 3, 32, 4\), expected \(3, 3, 32, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)2 missing.*quant_conv/bias.*mis-shaped.*"
+        r"decoder/conv_out/kernel got \(3, 3, 32, 4\), expected \(3, 3, 32, 3\)",
+    ):
         api.build_model(tiny_cfg, params)

@@ -14,7 +14,11 @@ def test_reference_configs_have_the_design_values():
     flux, sdxl, nextstep = load_config("flux").model, load_config("sdxl").model, load_config("nextstep1_f8c16").model
     assert (flux.z_channels, flux.use_quant_conv, flux.scaling_factor, flux.shift_factor) == (16, False, 0.3611, 0.1159)
     assert (sdxl.z_channels, sdxl.use_quant_conv, sdxl.scaling_factor) == (4, True, 0.13025)
-    assert (nextstep.posterior, nextstep.latent_norm, nextstep.noise.distribution) == ("deterministic", "patch_layernorm", "uniform")
+    assert (nextstep.posterior, nextstep.latent_norm, nextstep.noise.distribution) == (
+        "deterministic",
+        "patch_layernorm",
+        "uniform",
+    )
     assert flux.downsample_factor == 8 and nextstep.spatial_multiple == 16
 
 

@@ -19,11 +19,14 @@ import subprocess
 import sys
 import warnings
 
+import diffusers  # noqa: E402
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
+from torch_reference import ldm_shapes  # noqa: E402
 
 import sigmavae_jax
 from sigmavae_jax import api
@@ -39,10 +42,6 @@ from sigmavae_jax.convert import (
     to_ldm_state_dict,
 )
 
-import diffusers  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
-from torch_reference import ldm_shapes  # noqa: E402
-
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 
@@ -53,9 +52,7 @@ TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 
 def random_state(shapes: dict[str, tuple], seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {
-        key: rng.standard_normal(shape).astype(np.float32) for key, shape in sorted(shapes.items())
-    }
+    return {key: rng.standard_normal(shape).astype(np.float32) for key, shape in sorted(shapes.items())}
 
 
 def expected_params(ldm: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,9 +134,7 @@ def sd(tmp_path_factory) -> Source:
 def flux(tmp_path_factory) -> Source:
     """z=16 without quant convs, GroupNorm(32), scaling 0.25, shift 0.125."""
     root = tmp_path_factory.mktemp("flux")
-    return make_source(
-        root, "flux", z=16, quant=False, groups=32, scaling=0.25, shift=0.125, seed=1
-    )
+    return make_source(root, "flux", z=16, quant=False, groups=32, scaling=0.25, shift=0.125, seed=1)
 
 
 @contextlib.contextmanager
@@ -168,9 +163,7 @@ def test_key_names_match_diffusers_both_ways(sd, flux):
         assert {s.ldm_key for s in slots} == set(source.ldm)
         for name, slot in names.items():
             assert keymaps.diffusers_to_ldm(name, 2) == slot.ldm_key
-            assert tuple(state[name].shape) == keymaps.torch_shape(
-                slot.kind, slot.shape, "diffusers"
-            )
+            assert tuple(state[name].shape) == keymaps.torch_shape(slot.kind, slot.shape, "diffusers")
     old = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
     for diffusers_name, ldm_name in old.items():
         key = f"decoder.mid_block.attentions.0.{diffusers_name}.weight"
@@ -226,9 +219,7 @@ def test_torch_checkpoint_wrappers_prefixes_and_ignored_keys(sd, tmp_path, wrapp
         "loss.discriminator.main.0.weight": torch.zeros(64, 3, 4, 4),
         "loss.logvar": torch.zeros(()),
         "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
-        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(
-            8, 4
-        ),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(8, 4),
     }
     if wrapping == "lightning_ckpt":
         state = {f"first_stage_model.{k}": torch.from_numpy(v) for k, v in sd.ldm.items()}
@@ -283,9 +274,7 @@ def test_nextstep_folder_conventions_come_from_its_config_json(flux, tmp_path):
     assert_params_equal(converted.params, flux.ldm)
 
     (folder / "config.json").write_text(json.dumps({**side, "z_channels": 4}))
-    with pytest.raises(
-        ConversionError, match=r"disagrees with the weights(.|\n)*z_channels\s+4\s+16"
-    ):
+    with pytest.raises(ConversionError, match=r"disagrees with the weights(.|\n)*z_channels\s+4\s+16"):
         load_torch_weights(folder)
 
 
@@ -327,9 +316,7 @@ def test_key_problems_are_listed_with_expected_shapes(sd, tmp_path, edit, expect
 
 def test_key_problems_in_diffusers_files_use_diffusers_names(sd, tmp_path):
     state = {k: v.numpy() for k, v in sd.model.state_dict().items()}
-    path = save_ldm(
-        tmp_path / "d.safetensors", _drop(state, "decoder.up_blocks.0.upsamplers.0.conv.weight")
-    )
+    path = save_ldm(tmp_path / "d.safetensors", _drop(state, "decoder.up_blocks.0.upsamplers.0.conv.weight"))
     with pytest.raises(
         ConversionError,
         match=r"decoder\.up_blocks\.0\.upsamplers\.0\.conv\.weight expected \(64, 64, 3, 3\)",
@@ -365,9 +352,7 @@ def test_torch_files_without_torch_say_how_to_install_it(sd, tmp_path, monkeypat
     path = tmp_path / "vae.pt"
     torch.save({k: torch.from_numpy(v) for k, v in sd.ldm.items()}, path)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.raises(
-        ConversionError, match=r"needs PyTorch(.|\n)*pip install 'sigmavae_jax\[torch\]'"
-    ):
+    with pytest.raises(ConversionError, match=r"needs PyTorch(.|\n)*pip install 'sigmavae_jax\[torch\]'"):
         load_torch_weights(path)
 
 
@@ -435,9 +420,7 @@ def test_diffusers_round_trip_through_jax_export(sd, tmp_path):
     reloaded = diffusers.AutoencoderKL.from_pretrained(tmp_path / "back")
     _assert_state_equal({k: v.numpy() for k, v in reloaded.state_dict().items()}, original)
     for field in ("block_out_channels", "norm_num_groups", "scaling_factor", "use_quant_conv"):
-        assert tuple(np.atleast_1d(reloaded.config[field])) == tuple(
-            np.atleast_1d(sd.model.config[field])
-        )
+        assert tuple(np.atleast_1d(reloaded.config[field])) == tuple(np.atleast_1d(sd.model.config[field]))
 
 
 def test_to_ldm_file_equals_source_and_converts_back(flux, tmp_path):
@@ -454,15 +437,11 @@ def test_bfloat16_output(sd, tmp_path):
     flat = {"/".join(map(str, p)): v for p, v in api.flatten_params(params).items()}
     for key, value in expected_params(sd.ldm).items():
         assert flat[key].dtype == ml_dtypes.bfloat16
-        np.testing.assert_array_equal(
-            np.asarray(flat[key]), value.astype(ml_dtypes.bfloat16), err_msg=key
-        )
+        np.testing.assert_array_equal(np.asarray(flat[key]), value.astype(ml_dtypes.bfloat16), err_msg=key)
 
 
 def test_diffusers_export_warns_about_nextstep_conventions(flux, tmp_path):
-    nextstep = flux.config.model_copy(
-        update={"posterior": "deterministic", "latent_norm": "patch_layernorm"}
-    )
+    nextstep = flux.config.model_copy(update={"posterior": "deterministic", "latent_norm": "patch_layernorm"})
     with pytest.warns(ConversionWarning, match="cannot represent the latent normalisation"):
         convert(flux.ldm_file, tmp_path / "d", config=nextstep, to="diffusers")
 
@@ -472,9 +451,7 @@ def test_diffusers_export_warns_about_nextstep_conventions(flux, tmp_path):
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_converts_and_explains_errors(sd, tmp_path):
@@ -485,9 +462,7 @@ def test_cli_converts_and_explains_errors(sd, tmp_path):
     assert "warning: the latent scaling factor cannot be read" in done.stderr
     assert sigmavae_jax.load(tmp_path / "out").model_config.z_channels == 4
 
-    failed = _run(
-        "convert_torch_weights.py", str(tmp_path / "missing.ckpt"), str(tmp_path / "out2")
-    )
+    failed = _run("convert_torch_weights.py", str(tmp_path / "missing.ckpt"), str(tmp_path / "out2"))
     assert failed.returncode != 0
     assert "error:" in failed.stderr and "missing.ckpt" in failed.stderr
     assert "Traceback" not in failed.stderr

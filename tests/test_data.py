@@ -107,8 +107,9 @@ def _colour(index: int) -> tuple[int, int, int]:
 def _identify(crops: np.ndarray) -> list[int]:
     """(N, S, S, 3) float crops of solid-colour images -> their image indices."""
     means = np.round((crops.reshape(len(crops), -1, 3).mean(axis=1) + 1.0) * 127.5)
-    return [int(round((r - 20) / 40)) + 6 * int(round((g - 20) / 40)) + 36 * int(round((b - 20) / 40))
-            for r, g, b in means]
+    return [
+        int(round((r - 20) / 40)) + 6 * int(round((g - 20) / 40)) + 36 * int(round((b - 20) / 40)) for r, g, b in means
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -368,8 +369,14 @@ def tfds_dir(tmp_path_factory) -> pathlib.Path:
 def _tfds_cfg(root, *extra):
     return load_config(
         "tiny",
-        ["data.source=tfds", "data.name=sigmavae_test_colours", f"data.dir={root}",
-         "train.batch_size=4", f"train.image_size={S}", *extra],
+        [
+            "data.source=tfds",
+            "data.name=sigmavae_test_colours",
+            f"data.dir={root}",
+            "train.batch_size=4",
+            f"train.image_size={S}",
+            *extra,
+        ],
     )
 
 

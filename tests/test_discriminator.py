@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from conftest import images
 from flax import nnx
 
-from conftest import images
 from sigmavae_jax.config import DiscriminatorConfig
 from sigmavae_jax.models.discriminator import NLayerDiscriminator
 
@@ -17,7 +17,11 @@ def torch_patchgan(ndf, n_layers):
     for n in range(1, n_layers + 1):
         prev, mult = mult, min(2**n, 8)
         stride = 2 if n < n_layers else 1
-        layers += [torch.nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), torch.nn.BatchNorm2d(ndf * mult), torch.nn.LeakyReLU(0.2)]
+        layers += [
+            torch.nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
+            torch.nn.BatchNorm2d(ndf * mult),
+            torch.nn.LeakyReLU(0.2),
+        ]
     layers.append(torch.nn.Conv2d(ndf * mult, 1, 4, 1, 1))
     return torch.nn.Sequential(*layers)
 

@@ -22,10 +22,19 @@ def tiny(*overrides):
 
 @pytest.mark.parametrize(
     "name, topology_name, chips, hosts",
-    [("v5litepod-4", "v5e:2x2", 4, 1), ("v5litepod-8", "v5e:2x4", 8, 1), ("v5litepod-16", "v5e:4x4", 16, 4),
-     ("v4-8", "v4:2x2x1", 4, 1), ("v4-32", "v4:2x2x4", 16, 4), ("v5p-8", "v5p:2x2x1", 4, 1),
-     ("v6e-8", "v6e:2x4", 8, 1), ("v6e-16", "v6e:4x4", 16, 4), ("v5e:4x4", "v5e:4x4", 16, 4),
-     ("v4:2x2x4", "v4:2x2x4", 16, 4), ("V5E:2x2", "v5e:2x2", 4, 1)],
+    [
+        ("v5litepod-4", "v5e:2x2", 4, 1),
+        ("v5litepod-8", "v5e:2x4", 8, 1),
+        ("v5litepod-16", "v5e:4x4", 16, 4),
+        ("v4-8", "v4:2x2x1", 4, 1),
+        ("v4-32", "v4:2x2x4", 16, 4),
+        ("v5p-8", "v5p:2x2x1", 4, 1),
+        ("v6e-8", "v6e:2x4", 8, 1),
+        ("v6e-16", "v6e:4x4", 16, 4),
+        ("v5e:4x4", "v5e:4x4", 16, 4),
+        ("v4:2x2x4", "v4:2x2x4", 16, 4),
+        ("V5E:2x2", "v5e:2x2", 4, 1),
+    ],
 )
 def test_cloud_and_jax_slice_names_describe_the_same_chips(name, topology_name, chips, hosts):
     tpu_slice = topology.parse_slice(name)
@@ -100,30 +109,58 @@ def test_tpu_step_holds_the_conditionals_and_none_of_the_cpu_forms_and_reports_i
     assert report.roofline_images_per_s == pytest.approx(want)
     figures = report.figures()
     assert json.loads(json.dumps(figures))["hbm_total"] == report.total
-    assert report.total == (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                            + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    assert report.total == (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.generated_code_size_in_bytes
+    )
 
 
 def test_dry_run_for_a_four_host_slice_from_one_host_reports_figures(capsys):
     """v4-32: 16 chips over 4 hosts, compiled here without jax.distributed."""
     assert jax.process_count() == 1
-    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "v4-32", f"train.image_size={SIZE}",
-                           "train.batch_size=16", "train.compute_dtype=bfloat16"])
+    code = train_cli.main(
+        [
+            "--config",
+            "tiny",
+            "--dry-run",
+            "--topology",
+            "v4-32",
+            f"train.image_size={SIZE}",
+            "train.batch_size=16",
+            "train.compute_dtype=bfloat16",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     figures = json.loads(out.strip().splitlines()[-1])
-    assert (figures["topology"], figures["chips"], figures["hosts"], figures["batch_per_chip"]) == ("v4:2x2x4", 16, 4, 1)
+    assert (figures["topology"], figures["chips"], figures["hosts"], figures["batch_per_chip"]) == (
+        "v4:2x2x4",
+        16,
+        4,
+        1,
+    )
     assert figures["fits"] and figures["flops_per_image"] > 0 and figures["bytes_per_image"] > 0
     assert figures["roofline_images_per_s_per_chip"] > 0
     assert set(figures["hbm_arguments"]) >= {"parameters", "optimizer state", "EMA", "discriminator", "LPIPS"}
-    for words in ("HBM per chip", "argument parameters", "temporaries", "fits", "FLOP, ", "GB of HBM traffic",
-                  "images/s per chip"):
+    for words in (
+        "HBM per chip",
+        "argument parameters",
+        "temporaries",
+        "fits",
+        "FLOP, ",
+        "GB of HBM traffic",
+        "images/s per chip",
+    ):
         assert words in out
 
 
 def test_a_step_that_does_not_fit_exits_non_zero_and_says_what_to_change(capsys):
-    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "v5litepod-1", "train.image_size=2048",
-                           "train.batch_size=4"])
+    code = train_cli.main(
+        ["--config", "tiny", "--dry-run", "--topology", "v5litepod-1", "train.image_size=2048", "train.batch_size=4"]
+    )
     captured = capsys.readouterr()
     assert code == 4
     figures = json.loads(captured.out.strip().splitlines()[-1])
@@ -134,8 +171,21 @@ def test_a_step_that_does_not_fit_exits_non_zero_and_says_what_to_change(capsys)
 
 
 def test_eval_dry_run_reports_encode_and_decode(capsys):
-    code = eval_cli.main(["--dry-run", "--topology", "v5litepod-4", "--config", "tiny", "--size", str(SIZE),
-                          "--batch-size", "8", "--dtype", "bfloat16"])
+    code = eval_cli.main(
+        [
+            "--dry-run",
+            "--topology",
+            "v5litepod-4",
+            "--config",
+            "tiny",
+            "--size",
+            str(SIZE),
+            "--batch-size",
+            "8",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     figures = json.loads(out.strip().splitlines()[-1])
@@ -156,8 +206,10 @@ def test_fsdp_shards_parameters_and_optimizer_state_over_the_slice():
         cfg = tiny("train.batch_size=8", f"train.mesh_fsdp={fsdp}", "train.fsdp_min_size=1024")
         program = build_program(cfg, dry_run.slice_mesh(cfg, topology.parse_slice("v5e:2x2")), abstract=True)
         state, _, _ = program.abstract_arguments()
-        per_chip[fsdp] = {name: dry_run.per_device_bytes(tree) for name, tree in
-                          (("parameters", state.params), ("optimizer state", state.opt_state), ("EMA", state.ema))}
+        per_chip[fsdp] = {
+            name: dry_run.per_device_bytes(tree)
+            for name, tree in (("parameters", state.params), ("optimizer state", state.opt_state), ("EMA", state.ema))
+        }
     for name, whole in per_chip[1].items():
         assert whole / 4 <= per_chip[4][name] < 0.4 * whole, name  # small arrays stay whole
 
@@ -171,12 +223,21 @@ def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatc
         per_chip = cfg.train.batch_size // tpu_slice.chips
         asked.append(per_chip)
         total = (1 + per_chip) * 2**30
-        return dry_run.Report("train step", tpu_slice, per_chip, {"parameters": 2**20}, total=total,
-                              fits=per_chip <= 12, flops_per_image=1e12, bytes_per_image=5e9)
+        return dry_run.Report(
+            "train step",
+            tpu_slice,
+            per_chip,
+            {"parameters": 2**20},
+            total=total,
+            fits=per_chip <= 12,
+            flops_per_image=1e12,
+            bytes_per_image=5e9,
+        )
 
     monkeypatch.setattr(dry_run, "train_step_report", fake_report)
-    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "v5litepod-4", "--find-batch",
-                           "train.batch_size=8"])
+    code = train_cli.main(
+        ["--config", "tiny", "--dry-run", "--topology", "v5litepod-4", "--find-batch", "train.batch_size=8"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     figures = json.loads(out.strip().splitlines()[-1])

@@ -73,12 +73,23 @@ def compilation_cache(tmp_path_factory) -> pathlib.Path:
 
 
 def launch(args, *, cwd, devices, cache, extra_env=None) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONUNBUFFERED": "1",
-           "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-           **(extra_env or {})}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "PYTHONUNBUFFERED": "1",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        **(extra_env or {}),
+    }
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, str(pathlib.Path(__file__).resolve()), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(pathlib.Path(__file__).resolve()), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -100,8 +111,22 @@ def inputs(tmp_path_factory):
 
 
 def eval_args(root, checkpoint, *extra) -> list[str]:
-    return ["--checkpoint", str(checkpoint), "--size", str(SIZE), "--batch-size", str(BATCH), "--inception", "toy",
-            "--save-reconstructions", "3", "--name", "tiny", *extra, f"data.path={root}"]
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--size",
+        str(SIZE),
+        "--batch-size",
+        str(BATCH),
+        "--inception",
+        "toy",
+        "--save-reconstructions",
+        "3",
+        "--name",
+        "tiny",
+        *extra,
+        f"data.path={root}",
+    ]
 
 
 class Runs:
@@ -147,8 +172,12 @@ def runs(inputs, compilation_cache, tmp_path_factory):
     runs = Runs(compilation_cache)
     runs.start("one", args, cwd=base / "one", devices=2)
     for i in range(2):
-        runs.start(f"p{i}", args + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                   cwd=base / f"p{i}", devices=1)
+        runs.start(
+            f"p{i}",
+            args + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=base / f"p{i}",
+            devices=1,
+        )
     yield runs
     runs.stop()
 
@@ -172,8 +201,16 @@ def test_two_processes_report_what_one_process_reports(runs):
     assert reference["skipped_images"]["skipped"] == 1 and reference["skipped_images"]["files"][0].endswith("00b.png")
     assert reference["rfid"] > 0.01  # the toy features tell originals from reconstructions
     # only process 0 writes (each process resolved the relative paths in its own directory) and prints
-    assert sorted(p.name for p in (p0_dir / "out" / "reconstructions").iterdir()) == ["00000.png", "00001.png", "00002.png"]
-    assert (p0_dir / "reference.npz").exists() and not (p1_dir / "out").exists() and not (p1_dir / "reference.npz").exists()
+    assert sorted(p.name for p in (p0_dir / "out" / "reconstructions").iterdir()) == [
+        "00000.png",
+        "00001.png",
+        "00002.png",
+    ]
+    assert (
+        (p0_dir / "reference.npz").exists()
+        and not (p1_dir / "out").exists()
+        and not (p1_dir / "reference.npz").exists()
+    )
     assert "| tiny | " in one_out and "| tiny | " in p0_out and "| tiny | " not in p1_out
     # the cached statistics of the originals are over all 7 of them, however they were split
     cached = [np.load(folder / "reference.npz") for folder in (one_dir, p0_dir)]
@@ -190,10 +227,27 @@ def test_two_processes_merge_the_latent_statistics(inputs, compilation_cache, tm
     from sigmavae_jax.config import load_config
 
     root, export = inputs
-    args = ["--checkpoint", str(export), "--mode", "latent-stats", "--size", str(SIZE), "--batch-size", str(BATCH),
-            "--out", "out", f"data.path={root}", "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
-    processes = [launch(args + ["--process-id", str(i)], cwd=tmp_path / f"p{i}", devices=1, cache=compilation_cache)
-                 for i in range(2)]
+    args = [
+        "--checkpoint",
+        str(export),
+        "--mode",
+        "latent-stats",
+        "--size",
+        str(SIZE),
+        "--batch-size",
+        str(BATCH),
+        "--out",
+        "out",
+        f"data.path={root}",
+        "--coordinator",
+        f"127.0.0.1:{free_port()}",
+        "--num-processes",
+        "2",
+    ]
+    processes = [
+        launch(args + ["--process-id", str(i)], cwd=tmp_path / f"p{i}", devices=1, cache=compilation_cache)
+        for i in range(2)
+    ]
     for process in processes:
         finish(process)
     stats = json.loads((tmp_path / "p0" / "out" / "latent_stats.json").read_text())
@@ -220,12 +274,20 @@ def test_a_workdir_on_cloud_storage_is_evaluated_into_the_bucket(gcs, inputs, ru
     root, export = inputs
     bucket = gcs.new_bucket()
     upload_folder(export, epath.Path(f"gs://{bucket}/run/export/step_00000004"))
-    done = finish(launch(eval_args(root, f"gs://{bucket}/run", "--reference-stats", f"gs://{bucket}/reference.npz"),
-                         cwd=tmp_path, devices=2, cache=compilation_cache, extra_env=gcs.environment()))
+    done = finish(
+        launch(
+            eval_args(root, f"gs://{bucket}/run", "--reference-stats", f"gs://{bucket}/reference.npz"),
+            cwd=tmp_path,
+            devices=2,
+            cache=compilation_cache,
+            extra_env=gcs.environment(),
+        )
+    )
     report_in = "run/export/step_00000004/eval/"  # the default --out: next to the workdir's latest export
     assert f"report in gs://{bucket}/{report_in}eval.json" in done
     assert set(gcs.objects(bucket, report_in)) == {
-        f"{report_in}eval.json", *(f"{report_in}reconstructions/{i:05d}.png" for i in range(3))
+        f"{report_in}eval.json",
+        *(f"{report_in}reconstructions/{i:05d}.png" for i in range(3)),
     }
     remote = json.loads(epath.Path(f"gs://{bucket}/{report_in}eval.json").read_text())
     runs.output("one")
@@ -239,11 +301,16 @@ def test_cloud_storage_errors_are_one_line(gcs, inputs, tmp_path):
     root, _ = inputs
     done = subprocess.run(
         [sys.executable, str(REPO / "eval.py"), "--checkpoint", "gs://no-such-bucket-here/run", f"data.path={root}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
         env={**os.environ, **gcs.environment(), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
     )
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.startswith("error: gs://no-such-bucket-here/run: the bucket gs://no-such-bucket-here does not exist")
+    assert done.stderr.startswith(
+        "error: gs://no-such-bucket-here/run: the bucket gs://no-such-bucket-here does not exist"
+    )
     assert done.stderr.count("\n") == 1
 
 

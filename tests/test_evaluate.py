@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import photo_folder_with_tiny_export
 from flax import nnx
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import sigmavae_jax
-from conftest import photo_folder_with_tiny_export
 from sigmavae_jax import data, metrics
 from sigmavae_jax.evaluate import EvalSettings, evaluate, markdown_row
 from sigmavae_jax.models.lpips import load_lpips
@@ -54,15 +54,24 @@ def test_metrics_match_per_image_references(setup):
     a = np.clip((images + 1) / 2, 0, 1).astype(np.float64)
     b = np.clip((recon + 1) / 2, 0, 1).astype(np.float64)
     assert report["images"] == IMAGES
-    np.testing.assert_allclose(report["psnr"], np.mean([peak_signal_noise_ratio(x, y, data_range=1) for x, y in zip(a, b)]), atol=1e-4)
     np.testing.assert_allclose(
-        report["ssim"], np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1) for x, y in zip(a, b)]), atol=1e-4
+        report["psnr"], np.mean([peak_signal_noise_ratio(x, y, data_range=1) for x, y in zip(a, b)]), atol=1e-4
     )
-    np.testing.assert_allclose(report["lpips"], float(jnp.mean(lpips(jnp.asarray(images), jnp.asarray(recon)))), rtol=1e-4)
+    np.testing.assert_allclose(
+        report["ssim"],
+        np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1) for x, y in zip(a, b)]),
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(
+        report["lpips"], float(jnp.mean(lpips(jnp.asarray(images), jnp.asarray(recon)))), rtol=1e-4
+    )
 
     toy = ToyFeatures()
     quantize = lambda x: np.floor(np.clip(x, 0, 1) * 255 + 1e-3) / 255  # noqa: E731
-    real, fake = np.asarray(toy(jnp.asarray(quantize(a), jnp.float32))), np.asarray(toy(jnp.asarray(quantize(b), jnp.float32)))
+    real, fake = (
+        np.asarray(toy(jnp.asarray(quantize(a), jnp.float32))),
+        np.asarray(toy(jnp.asarray(quantize(b), jnp.float32))),
+    )
     want = metrics.frechet_distance(real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False))
     np.testing.assert_allclose(report["rfid"], want, rtol=1e-4)
     assert (root / "out" / "eval.json").exists()
@@ -73,27 +82,75 @@ def test_reference_statistics_are_cached_and_checked(setup, tmp_path):
     root, export, cfg = setup
     codec = sigmavae_jax.load(export)
     stats = tmp_path / "reference.npz"
-    first = evaluate(codec, cfg, EvalSettings(batch_size=8, size=SIZE), inception=ToyFeatures(), reference_stats=stats, progress=False)
+    first = evaluate(
+        codec,
+        cfg,
+        EvalSettings(batch_size=8, size=SIZE),
+        inception=ToyFeatures(),
+        reference_stats=stats,
+        progress=False,
+    )
     assert stats.exists()
-    again = evaluate(codec, cfg, EvalSettings(batch_size=8, size=SIZE), inception=ToyFeatures(), reference_stats=stats, progress=False)
+    again = evaluate(
+        codec,
+        cfg,
+        EvalSettings(batch_size=8, size=SIZE),
+        inception=ToyFeatures(),
+        reference_stats=stats,
+        progress=False,
+    )
     assert again["rfid"] == pytest.approx(first["rfid"], rel=1e-9)
     with pytest.raises(ValueError, match="over 11 images"):
-        evaluate(codec, cfg, EvalSettings(batch_size=8, size=SIZE, num_images=5), inception=ToyFeatures(), reference_stats=stats, progress=False)
+        evaluate(
+            codec,
+            cfg,
+            EvalSettings(batch_size=8, size=SIZE, num_images=5),
+            inception=ToyFeatures(),
+            reference_stats=stats,
+            progress=False,
+        )
 
 
 def test_eval_cli_prints_a_table_row(setup, tmp_path):
     root, export, _ = setup
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(export), "--size", "32", "--batch-size", "4",
-         "--num-images", "6", "--out", str(tmp_path), "--name", "tiny", "--save-reconstructions", "2", f"data.path={root}"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "eval.py"),
+            "--checkpoint",
+            str(export),
+            "--size",
+            "32",
+            "--batch-size",
+            "4",
+            "--num-images",
+            "6",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "tiny",
+            "--save-reconstructions",
+            "2",
+            f"data.path={root}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| tiny | n/a |" in done.stdout and (tmp_path / "eval.json").exists()
     assert len(list((tmp_path / "reconstructions").glob("*.png"))) == 2
-    bad = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(tmp_path / "nope"), "data.path=x"],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(tmp_path / "nope"), "data.path=x"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "neither a params export" in bad.stderr
 
 
@@ -121,8 +178,9 @@ def robustness_rows(setup):
 
     root, export, cfg = setup
     settings = EvalSettings(batch_size=8, size=SIZE)
-    return robustness(sigmavae_jax.load(export), cfg, settings, sigmas=ROBUSTNESS_SIGMAS, lpips=load_lpips(None),
-                      progress=False)
+    return robustness(
+        sigmavae_jax.load(export), cfg, settings, sigmas=ROBUSTNESS_SIGMAS, lpips=load_lpips(None), progress=False
+    )
 
 
 def test_robustness_sweep_degrades_with_noise_and_draws_a_curve(setup, robustness_rows, tmp_path):
@@ -136,17 +194,42 @@ def test_robustness_sweep_degrades_with_noise_and_draws_a_curve(setup, robustnes
     # noise reaches the decoder (an untrained model need not degrade monotonically)
     assert abs(rows[2]["psnr"] - rows[0]["psnr"]) > 1e-3 and abs(rows[2]["lpips"] - rows[0]["lpips"]) > 1e-4
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"}
-    common = ["--sigmas", "0,0.5", "--size", "32", "--batch-size", "4", "--num-images", "4", "--name", "a",
-              f"data.path={root}"]
+    common = [
+        "--sigmas",
+        "0,0.5",
+        "--size",
+        "32",
+        "--batch-size",
+        "4",
+        "--num-images",
+        "4",
+        "--name",
+        "a",
+        f"data.path={root}",
+    ]
     # --mode robustness, and the flag it replaced, side by side (the second without --compare)
     runs = {
-        out: subprocess.Popen([sys.executable, str(REPO / "eval.py"), "--checkpoint", str(export), *chosen, "--out",
-                               str(tmp_path / out), *common],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        out: subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "eval.py"),
+                "--checkpoint",
+                str(export),
+                *chosen,
+                "--out",
+                str(tmp_path / out),
+                *common,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
         for out, chosen in (("mode", ["--compare", str(export), "--mode", "robustness"]), ("flag", ["--robustness"]))
     }
     done = {out: (process.communicate(timeout=300), process.returncode) for out, process in runs.items()}
-    for (stdout, stderr), returncode in done.values():
+    for (_, stderr), returncode in done.values():
         assert returncode == 0, stderr[-3000:]
     stdout = done["mode"][0][0]
     assert "| a | " in stdout and "| export | " in stdout
@@ -215,12 +298,14 @@ def test_eval_cli_mode_flags_are_aliases_and_contradictions_are_errors(capsys):
         assert eval_cli.parse_args(["--mode", mode, f"--{mode}"]).mode == mode  # saying it twice is no contradiction
     assert eval_cli.parse_args([]).mode == "metrics"
     assert eval_cli.parse_args(["--robustness", "--sigmas", "0,0.5"]).sigmas == [0.0, 0.5]
-    for argv, named in ((["--mode", "figures", "--robustness"], ("--mode figures", "--robustness")),
-                        (["--latent-stats", "--figures"], ("--latent-stats", "--figures")),
-                        (["--robustness", "--mode", "metrics"], ("--robustness", "--mode metrics")),
-                        (["--compare", "y"], ("--compare", "--mode metrics")),
-                        (["--robustness", "--sigmas", "0,x"], ("--sigmas", "'0,x'")),
-                        (["--robustness", "--sigmas", "0,-1"], ("--sigmas", ">= 0"))):
+    for argv, named in (
+        (["--mode", "figures", "--robustness"], ("--mode figures", "--robustness")),
+        (["--latent-stats", "--figures"], ("--latent-stats", "--figures")),
+        (["--robustness", "--mode", "metrics"], ("--robustness", "--mode metrics")),
+        (["--compare", "y"], ("--compare", "--mode metrics")),
+        (["--robustness", "--sigmas", "0,x"], ("--sigmas", "'0,x'")),
+        (["--robustness", "--sigmas", "0,-1"], ("--sigmas", ">= 0")),
+    ):
         with pytest.raises(SystemExit) as exited:
             eval_cli.main(["--checkpoint", "x", *argv, "data.path=x"])
         assert exited.value.code == 2
@@ -231,7 +316,9 @@ def test_eval_cli_mode_flags_are_aliases_and_contradictions_are_errors(capsys):
 def test_feature_sums_in_blocks_equal_one_update(monkeypatch):
     from sigmavae_jax import evaluate
 
-    monkeypatch.setattr(evaluate, "_FEATURE_ROWS_PER_UPDATE", 3)  # added once 3 or more rows wait: after batches 2 and 4
+    monkeypatch.setattr(
+        evaluate, "_FEATURE_ROWS_PER_UPDATE", 3
+    )  # added once 3 or more rows wait: after batches 2 and 4
     features = np.random.default_rng(0).normal(size=(9, 2048)).astype(np.float32)
     sums = evaluate._FeatureSums()
     for start, stop in ((0, 2), (2, 4), (4, 4), (4, 7), (7, 9)):  # one batch without real rows

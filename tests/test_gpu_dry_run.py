@@ -38,8 +38,10 @@ def tiny(*overrides):
 def gpu_env():
     """The environment of a process that has the CUDA compiler plugin (JAX on the CPU)."""
     if not (PLUGIN / "jax_plugins" / "xla_cuda12").is_dir():
-        pytest.fail(f"the CUDA compiler plugin is not in {PLUGIN}; run make setup (it installs jax-cuda12-plugin "
-                    "there with pip install --no-deps --target)")
+        pytest.fail(
+            f"the CUDA compiler plugin is not in {PLUGIN}; run make setup (it installs jax-cuda12-plugin "
+            "there with pip install --no-deps --target)"
+        )
     env = {key: value for key, value in os.environ.items() if key not in (*MEMORY_VARIABLES, "PYTHONPATH")}
     return {**env, "PYTHONPATH": str(PLUGIN), "JAX_PLATFORMS": "cpu"}
 
@@ -54,16 +56,30 @@ def last_json(out: str) -> dict:
 
 def our_stderr(err: str) -> list[str]:
     """stderr without the plugin's start-up lines (absl's notice and cudart_stub's "no driver")."""
-    return [line for line in err.strip().splitlines()
-            if line and "absl::InitializeLog" not in line and "cudart_stub.cc" not in line]
+    return [
+        line
+        for line in err.strip().splitlines()
+        if line and "absl::InitializeLog" not in line and "cudart_stub.cc" not in line
+    ]
 
 
 def test_gpu_names_parse_to_nodes_and_unknown_ones_list_the_known(capsys):
-    for name, canonical, gpus, nodes in [("h100", "h100", 1, 1), ("8xh100", "8xh100", 8, 1), ("1x8xH100", "8xh100", 8, 1),
-                                         ("2x8xh100", "2x8xh100", 16, 2), ("a100-80gb", "a100-80gb", 1, 1),
-                                         ("4xb200", "4xb200", 4, 1), ("h200", "h200", 1, 1)]:
+    for name, canonical, gpus, nodes in [
+        ("h100", "h100", 1, 1),
+        ("8xh100", "8xh100", 8, 1),
+        ("1x8xH100", "8xh100", 8, 1),
+        ("2x8xh100", "2x8xh100", 16, 2),
+        ("a100-80gb", "a100-80gb", 1, 1),
+        ("4xb200", "4xb200", 4, 1),
+        ("h200", "h200", 1, 1),
+    ]:
         gpu_slice = topology.parse_slice(name)
-        assert (gpu_slice.topology, gpu_slice.chips, gpu_slice.hosts, gpu_slice.chip.unit) == (canonical, gpus, nodes, "GPU")
+        assert (gpu_slice.topology, gpu_slice.chips, gpu_slice.hosts, gpu_slice.chip.unit) == (
+            canonical,
+            gpus,
+            nodes,
+            "GPU",
+        )
     for name in ("h800", "8xl40s", "16xh100"):
         code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", name])
         err = capsys.readouterr().err.strip()
@@ -80,7 +96,9 @@ def test_packaged_descriptions_hold_the_table_figures():
     for model, chip in topology.GPUS.items():
         text = topology.gpu_target_config(model)
         fields = {key: float(value) for key, value in re.findall(r"^\s*(\w+): ([\d.]+)", text, re.M)}
-        assert fields["device_memory_size"] == chip.hbm_bytes and fields["memory_bandwidth"] == chip.hbm_bandwidth, model
+        assert fields["device_memory_size"] == chip.hbm_bytes and fields["memory_bandwidth"] == chip.hbm_bandwidth, (
+            model
+        )
         assert 'platform_name: "CUDA"' in text
 
 
@@ -116,8 +134,12 @@ def test_plugin_describes_each_gpu_and_the_code_path_follows_them(gpu_env):
     done = run(["-c", _DESCRIBE], gpu_env)
     assert done.returncode == 0, done.stderr[-3000:]
     described = last_json(done.stdout)
-    kinds = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200 141GB HBM3e", "a100-80gb": "NVIDIA A100-SXM4-80GB",
-             "b200": "NVIDIA B200"}
+    kinds = {
+        "h100": "NVIDIA H100 80GB HBM3",
+        "h200": "NVIDIA H200 141GB HBM3e",
+        "a100-80gb": "NVIDIA A100-SXM4-80GB",
+        "b200": "NVIDIA B200",
+    }
     for name, (count, processes, platforms, kind, chosen) in described.items():
         gpu_slice = topology.parse_slice(name)
         assert (count, processes) == (gpu_slice.chips, gpu_slice.hosts), name  # 2x8xh100: 16 GPUs, 2 processes
@@ -169,7 +191,12 @@ def test_h100_step_is_the_gpu_program_and_reports_its_memory_and_the_cpu_lowerin
 
     arguments, outputs, aliased, temporaries, code = facts["memory"]
     h100 = topology.CHIPS["h100"]
-    assert (figures["platform"], figures["topology"], figures["chips"], figures["batch_per_chip"]) == ("gpu", "h100", 1, 2)
+    assert (figures["platform"], figures["topology"], figures["chips"], figures["batch_per_chip"]) == (
+        "gpu",
+        "h100",
+        1,
+        2,
+    )
     assert figures["hbm_temporaries"] == temporaries and figures["hbm_arguments_allocated"] == arguments
     assert figures["hbm_total"] == arguments + outputs - aliased + temporaries + code
     assert figures["device_memory"] == h100.hbm_bytes and figures["memory_fraction"] == 0.75
@@ -182,15 +209,35 @@ def test_h100_step_is_the_gpu_program_and_reports_its_memory_and_the_cpu_lowerin
     assert figures["flops_per_image"] * 2 == pytest.approx(lowered["flops"], rel=1e-12)
     assert figures["flops_source"] == dry_run.LOWERED_ON_CPU
     assert figures["roofline_images_per_s_per_chip"] == pytest.approx(h100.bf16_flops / figures["flops_per_image"])
-    for words in ("HBM per GPU", "2 images per GPU", "75% of the GPU's 79.11 GiB", "XLA_CLIENT_MEM_FRACTION", "fits",
-                  "GFLOP (XLA's count", "images/s per GPU at the compute peak alone",
-                  "HBM traffic per device: no cost analysis from this compiler", "the 5 operations that move the most"):
+    for words in (
+        "HBM per GPU",
+        "2 images per GPU",
+        "75% of the GPU's 79.11 GiB",
+        "XLA_CLIENT_MEM_FRACTION",
+        "fits",
+        "GFLOP (XLA's count",
+        "images/s per GPU at the compute peak alone",
+        "HBM traffic per device: no cost analysis from this compiler",
+        "the 5 operations that move the most",
+    ):
         assert words in done.stdout, words
 
 
 def test_node_of_eight_h100s_reports_figures_through_train_py(gpu_env):
-    done = run(["-m", "sigmavae_jax.cli.train", "--config", "tiny", "--dry-run", "--topology", "8xh100", *TINY,
-                "train.batch_size=16"], gpu_env)
+    done = run(
+        [
+            "-m",
+            "sigmavae_jax.cli.train",
+            "--config",
+            "tiny",
+            "--dry-run",
+            "--topology",
+            "8xh100",
+            *TINY,
+            "train.batch_size=16",
+        ],
+        gpu_env,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     figures = last_json(done.stdout)
     assert (figures["topology"], figures["chips"], figures["hosts"], figures["batch_per_chip"]) == ("8xh100", 8, 1, 2)
@@ -205,9 +252,22 @@ def test_a_step_that_does_not_fit_a_gpu_exits_4_and_says_what_to_change(gpu_env)
     needs about 100 GiB. The GPU compiler does not refuse it (it rematerialises what it can and
     reports the rest); the memory analysis against the capacity says it does not fit. With
     XLA_CLIENT_MEM_FRACTION set, the capacity is that share of the GPU."""
-    done = run(["-m", "sigmavae_jax.cli.train", "--config", "tiny", "--dry-run", "--topology", "h100",
-                "train.image_size=512", "train.batch_size=32", "train.compute_dtype=bfloat16", "loss.perceptual_weight=0"],
-               {**gpu_env, "XLA_CLIENT_MEM_FRACTION": "0.5"})
+    done = run(
+        [
+            "-m",
+            "sigmavae_jax.cli.train",
+            "--config",
+            "tiny",
+            "--dry-run",
+            "--topology",
+            "h100",
+            "train.image_size=512",
+            "train.batch_size=32",
+            "train.compute_dtype=bfloat16",
+            "loss.perceptual_weight=0",
+        ],
+        {**gpu_env, "XLA_CLIENT_MEM_FRACTION": "0.5"},
+    )
     assert done.returncode == 4, done.stdout[-2000:] + done.stderr[-3000:]
     figures = last_json(done.stdout)
     assert not figures["fits"] and figures["hbm_total"] > figures["hbm_capacity"]
@@ -222,8 +282,24 @@ def test_a_step_that_does_not_fit_a_gpu_exits_4_and_says_what_to_change(gpu_env)
 
 
 def test_eval_dry_run_on_a_gpu_reports_encode_and_decode(gpu_env):
-    done = run(["-m", "sigmavae_jax.cli.eval", "--dry-run", "--topology", "2xh200", "--config", "tiny", "--size",
-                str(SIZE), "--batch-size", "8", "--dtype", "bfloat16"], gpu_env)
+    done = run(
+        [
+            "-m",
+            "sigmavae_jax.cli.eval",
+            "--dry-run",
+            "--topology",
+            "2xh200",
+            "--config",
+            "tiny",
+            "--size",
+            str(SIZE),
+            "--batch-size",
+            "8",
+            "--dtype",
+            "bfloat16",
+        ],
+        gpu_env,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     figures = last_json(done.stdout)
     for name in ("encode", "decode"):
@@ -235,8 +311,10 @@ def test_eval_dry_run_on_a_gpu_reports_encode_and_decode(gpu_env):
 
 def test_without_the_plugin_a_gpu_topology_is_one_line_naming_the_extra():
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    for args in (["-m", "sigmavae_jax.cli.train", "--config", "tiny", "--dry-run", "--topology", "8xh100"],
-                 ["-m", "sigmavae_jax.cli.eval", "--dry-run", "--topology", "h100", "--config", "tiny"]):
+    for args in (
+        ["-m", "sigmavae_jax.cli.train", "--config", "tiny", "--dry-run", "--topology", "8xh100"],
+        ["-m", "sigmavae_jax.cli.eval", "--dry-run", "--topology", "h100", "--config", "tiny"],
+    ):
         done = run(args, {**env, "JAX_PLATFORMS": "cpu"})
         err = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(err) == 1, done.stderr[-3000:]
@@ -251,12 +329,21 @@ def test_find_batch_on_gpus_searches_memory_only_then_counts_the_flops_of_the_la
     def fake_report(cfg, gpu_slice, keep=None, flops=True):
         per_gpu = cfg.train.batch_size // gpu_slice.chips
         asked.append((per_gpu, flops))
-        return dry_run.Report("train step", gpu_slice, per_gpu, {"parameters": 2**20}, total=(1 + per_gpu) * 2**30,
-                              fits=per_gpu <= 12, flops_per_image=None, kernels="xla")
+        return dry_run.Report(
+            "train step",
+            gpu_slice,
+            per_gpu,
+            {"parameters": 2**20},
+            total=(1 + per_gpu) * 2**30,
+            fits=per_gpu <= 12,
+            flops_per_image=None,
+            kernels="xla",
+        )
 
     monkeypatch.setattr(dry_run, "train_step_report", fake_report)
-    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "8xh100", "--find-batch", *TINY,
-                           "train.batch_size=64"])
+    code = train_cli.main(
+        ["--config", "tiny", "--dry-run", "--topology", "8xh100", "--find-batch", *TINY, "train.batch_size=64"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert {flops for _, flops in asked} == {False} and asked[0][0] == 8 and 13 in dict(asked)

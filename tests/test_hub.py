@@ -20,12 +20,12 @@ import pytest
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
+from torch_reference import ldm_shapes, make_torch_vae  # noqa: E402
 
 import sigmavae_jax
 from sigmavae_jax import api, hub
 from sigmavae_jax.checkpoint import load_params
 from sigmavae_jax.convert import convert
-from torch_reference import ldm_shapes, make_torch_vae  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 COMMIT_A = "a" * 40
@@ -41,22 +41,43 @@ def sources(tmp_path_factory) -> dict[str, pathlib.Path]:
     """A tiny diffusers VAE folder and a NextStep-1-style folder (config.json + checkpoint.pt
     with LDM keys), with their direct conversions."""
     root = tmp_path_factory.mktemp("sources")
-    make_torch_vae(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=8).save_pretrained(root / "diffusers")
+    make_torch_vae(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=8).save_pretrained(
+        root / "diffusers"
+    )
     nextstep = root / "nextstep"
     nextstep.mkdir()
     rng = np.random.default_rng(3)
-    state = {k: torch.from_numpy(rng.standard_normal(s).astype(np.float32))
-             for k, s in ldm_shapes(ch=32, ch_mult=(1, 2), num_res_blocks=1, z=16, quant=False).items()}
+    state = {
+        k: torch.from_numpy(rng.standard_normal(s).astype(np.float32))
+        for k, s in ldm_shapes(ch=32, ch_mult=(1, 2), num_res_blocks=1, z=16, quant=False).items()
+    }
     torch.save(state, nextstep / "checkpoint.pt")
-    (nextstep / "config.json").write_text(json.dumps({
-        "resolution": 256, "in_channels": 3, "ch": 32, "out_ch": 3, "ch_mult": [1, 2], "num_res_blocks": 1,
-        "z_channels": 16, "scaling_factor": 1.0, "shift_factor": 0.0, "deterministic": True, "encoder_norm": True,
-        "psz": 2,
-    }))
+    (nextstep / "config.json").write_text(
+        json.dumps(
+            {
+                "resolution": 256,
+                "in_channels": 3,
+                "ch": 32,
+                "out_ch": 3,
+                "ch_mult": [1, 2],
+                "num_res_blocks": 1,
+                "z_channels": 16,
+                "scaling_factor": 1.0,
+                "shift_factor": 0.0,
+                "deterministic": True,
+                "encoder_norm": True,
+                "psz": 2,
+            }
+        )
+    )
     convert(root / "diffusers", root / "diffusers_export")
     convert(nextstep, root / "nextstep_export")
-    return {"diffusers": root / "diffusers", "nextstep": nextstep,
-            "diffusers_export": root / "diffusers_export", "nextstep_export": root / "nextstep_export"}
+    return {
+        "diffusers": root / "diffusers",
+        "nextstep": nextstep,
+        "diffusers_export": root / "diffusers_export",
+        "nextstep_export": root / "nextstep_export",
+    }
 
 
 @pytest.fixture
@@ -128,7 +149,9 @@ def no_conversion(monkeypatch):
 # Loading and the conversion cache.
 
 
-def test_repo_converts_once_per_commit_and_matches_direct_conversion(sources, hub_env, tmp_path, monkeypatch, count_conversions):
+def test_repo_converts_once_per_commit_and_matches_direct_conversion(
+    sources, hub_env, tmp_path, monkeypatch, count_conversions
+):
     put_snapshot(hub_env, "org/tiny-vae", COMMIT_A, diffusers_files(sources["diffusers"]))
     codec = sigmavae_jax.load("org/tiny-vae")
     export = tmp_path / "sigmavae" / "hub" / "org--tiny-vae" / "_root" / COMMIT_A
@@ -179,8 +202,12 @@ def test_subfolder_and_pipeline_repos(sources, hub_env, tmp_path, monkeypatch, c
 
 
 def test_ldm_checkpoint_pt_repo(sources, hub_env, tmp_path, count_conversions):
-    put_snapshot(hub_env, "stepfun-ai/NextStep-1-f8ch16-Tokenizer", COMMIT_A,
-                 {**diffusers_files(sources["nextstep"]), "README.md": b"# tokenizer"})
+    put_snapshot(
+        hub_env,
+        "stepfun-ai/NextStep-1-f8ch16-Tokenizer",
+        COMMIT_A,
+        {**diffusers_files(sources["nextstep"]), "README.md": b"# tokenizer"},
+    )
     codec = sigmavae_jax.load("stepfun-ai/NextStep-1-f8ch16-Tokenizer", dtype="bfloat16")
     assert codec.model_config.latent_norm == "patch_layernorm"
     assert_same_export(hub.resolve("stepfun-ai/NextStep-1-f8ch16-Tokenizer"), sources["nextstep_export"])
@@ -191,19 +218,36 @@ def test_ldm_checkpoint_pt_repo(sources, hub_env, tmp_path, count_conversions):
     "listing, subfolder, expected",
     [
         (  # stabilityai/sdxl-vae: safetensors over .bin, the diffusers file over the LDM one
-            [".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin",
-             "diffusion_pytorch_model.safetensors", "sdxl_vae.safetensors"],
-            None, ["diffusion_pytorch_model.safetensors", "config.json"],
+            [
+                ".gitattributes",
+                "README.md",
+                "config.json",
+                "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.safetensors",
+                "sdxl_vae.safetensors",
+            ],
+            None,
+            ["diffusion_pytorch_model.safetensors", "config.json"],
         ),
         (  # a FLUX repo: its VAE folder, never the transformer
-            ["ae.safetensors", "flux1-dev.safetensors", "model_index.json", "vae/config.json",
-             "vae/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors"],
-            None, ["vae/diffusion_pytorch_model.safetensors", "vae/config.json"],
+            [
+                "ae.safetensors",
+                "flux1-dev.safetensors",
+                "model_index.json",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+                "transformer/diffusion_pytorch_model.safetensors",
+            ],
+            None,
+            ["vae/diffusion_pytorch_model.safetensors", "vae/config.json"],
         ),
         (["config.json", "checkpoint.pt", "README.md"], None, ["checkpoint.pt", "config.json"]),
         (["README.md", "vae.ckpt", "vae.bin.txt"], None, ["vae.ckpt"]),
-        (["a/config.json", "a/diffusion_pytorch_model.fp16.safetensors", "a/diffusion_pytorch_model.bin"],
-         "a", ["a/diffusion_pytorch_model.fp16.safetensors", "a/config.json"]),
+        (
+            ["a/config.json", "a/diffusion_pytorch_model.fp16.safetensors", "a/diffusion_pytorch_model.bin"],
+            "a",
+            ["a/diffusion_pytorch_model.fp16.safetensors", "a/config.json"],
+        ),
     ],
     ids=["sdxl-vae", "flux-pipeline", "nextstep", "single-ckpt", "fp16-subfolder"],
 )
@@ -214,9 +258,16 @@ def test_only_the_vae_files_are_fetched(listing, subfolder, expected):
 def test_online_fetch_asks_for_the_chosen_files_only(sources, hub_env, monkeypatch, count_conversions):
     put_snapshot(hub_env, "stabilityai/sdxl-vae", COMMIT_A, diffusers_files(sources["diffusers"]))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    listing = ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors", "sdxl_vae.safetensors"]
+    listing = [
+        "config.json",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.safetensors",
+        "sdxl_vae.safetensors",
+    ]
     asked = []
-    monkeypatch.setattr(hub, "_remote_listing", lambda repo, rev: asked.append(("list", repo, rev)) or (COMMIT_A, listing))
+    monkeypatch.setattr(
+        hub, "_remote_listing", lambda repo, rev: asked.append(("list", repo, rev)) or (COMMIT_A, listing)
+    )
 
     def download(repo, commit, files):
         asked.append(("get", commit, files))
@@ -224,8 +275,10 @@ def test_online_fetch_asks_for_the_chosen_files_only(sources, hub_env, monkeypat
 
     monkeypatch.setattr(hub, "_download", download)
     hub.resolve("stabilityai/sdxl-vae@main")
-    assert asked == [("list", "stabilityai/sdxl-vae", "main"),
-                     ("get", COMMIT_A, ["diffusion_pytorch_model.safetensors", "config.json"])]
+    assert asked == [
+        ("list", "stabilityai/sdxl-vae", "main"),
+        ("get", COMMIT_A, ["diffusion_pytorch_model.safetensors", "config.json"]),
+    ]
     hub.resolve("stabilityai/sdxl-vae@main")  # cached: listed, nothing fetched
     assert asked[-1][0] == "list" and len(count_conversions) == 1
 
@@ -239,7 +292,10 @@ def _http_error(cls, status):
 
 
 def test_offline_and_uncached_says_so(hub_env):
-    with pytest.raises(hub.HubError, match=r"^org/absent is neither a local path nor in the local Hugging Face cache .*HF_HUB_OFFLINE=1 forbids") as info:
+    with pytest.raises(
+        hub.HubError,
+        match=r"^org/absent is neither a local path nor in the local Hugging Face cache .*HF_HUB_OFFLINE=1 forbids",
+    ) as info:
         sigmavae_jax.load("org/absent")
     assert "\n" not in str(info.value)
 
@@ -247,23 +303,38 @@ def test_offline_and_uncached_says_so(hub_env):
 @pytest.mark.parametrize(
     "where, error, expected",
     [
-        ("_remote_listing", lambda: _http_error(hf_errors.RepositoryNotFoundError, 401),
-         r"^org/nope: no such local file or folder, and no Hugging Face repo org/nope \(check the spelling; "
-         r"for a private repo log in with `hf auth login`"),
-        ("_download", lambda: _http_error(hf_errors.GatedRepoError, 403),
-         r"^org/nope is a gated repo: accept its terms at https://huggingface.co/org/nope .*then log in with `hf auth login`"),
-        ("_remote_listing", lambda: _http_error(hf_errors.RevisionNotFoundError, 404),
-         r"^org/nope has no revision 'v9': use one of its branches"),
-        ("_remote_listing", lambda: ConnectionError("Name or service not known"),
-         r"^org/nope is not a local path, the Hugging Face Hub cannot be reached \(ConnectionError: .*"
-         r"and org/nope is not in the local cache .*check the network connection"),
+        (
+            "_remote_listing",
+            lambda: _http_error(hf_errors.RepositoryNotFoundError, 401),
+            r"^org/nope: no such local file or folder, and no Hugging Face repo org/nope \(check the spelling; "
+            r"for a private repo log in with `hf auth login`",
+        ),
+        (
+            "_download",
+            lambda: _http_error(hf_errors.GatedRepoError, 403),
+            r"^org/nope is a gated repo: accept its terms at https://huggingface.co/org/nope "
+            r".*then log in with `hf auth login`",
+        ),
+        (
+            "_remote_listing",
+            lambda: _http_error(hf_errors.RevisionNotFoundError, 404),
+            r"^org/nope has no revision 'v9': use one of its branches",
+        ),
+        (
+            "_remote_listing",
+            lambda: ConnectionError("Name or service not known"),
+            r"^org/nope is not a local path, the Hugging Face Hub cannot be reached \(ConnectionError: .*"
+            r"and org/nope is not in the local cache .*check the network connection",
+        ),
     ],
     ids=["missing", "gated-no-token", "bad-revision", "no-network"],
 )
 def test_hub_errors_are_one_clear_line(hub_env, monkeypatch, where, error, expected):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "_has_token", lambda: False)
-    monkeypatch.setattr(hub, "_remote_listing", lambda repo, rev: (COMMIT_A, ["config.json", "diffusion_pytorch_model.safetensors"]))
+    monkeypatch.setattr(
+        hub, "_remote_listing", lambda repo, rev: (COMMIT_A, ["config.json", "diffusion_pytorch_model.safetensors"])
+    )
 
     def fail(*args):
         raise error()
@@ -294,7 +365,11 @@ def test_repo_without_vae_weights_and_local_paths(hub_env, tmp_path):
     assert hub.resolve(str(tmp_path / "missing")) == tmp_path / "missing"
     assert hub.resolve(pathlib.Path("out/flux")) == pathlib.Path("out/flux")  # a Path is a path
     assert not hub.is_hub_name("./out/flux") and hub.is_hub_name("out/flux@v1")
-    assert hub.parse_name("black-forest-labs/FLUX.1-dev/vae@refs/pr/3") == ("black-forest-labs/FLUX.1-dev", "vae", "refs/pr/3")
+    assert hub.parse_name("black-forest-labs/FLUX.1-dev/vae@refs/pr/3") == (
+        "black-forest-labs/FLUX.1-dev",
+        "vae",
+        "refs/pr/3",
+    )
     assert hub.parse_name("black-forest-labs/FLUX.1-dev/vae@main") == ("black-forest-labs/FLUX.1-dev", "vae", "main")
 
 
@@ -304,21 +379,40 @@ def test_repo_without_vae_weights_and_local_paths(hub_env, tmp_path):
 
 def test_eval_cli_reports_hub_errors_as_one_line(hub_env, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    done = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint", "org/absent", f"data.path={tmp_path}"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), "--checkpoint", "org/absent", f"data.path={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("error: org/absent is neither a local path nor in the local Hugging Face cache")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: org/absent is neither a local path nor in the local Hugging Face cache")
+    )
 
 
 def test_console_commands_and_version():
-    scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")
-               if ep.name.startswith("sigmavae-")}
-    assert scripts == {"sigmavae-train": "sigmavae_jax.cli.train:main", "sigmavae-eval": "sigmavae_jax.cli.eval:main",
-                       "sigmavae-convert": "sigmavae_jax.cli.convert:main"}, "reinstall: pip install --no-deps -e ."
+    scripts = {
+        ep.name: ep.value
+        for ep in importlib.metadata.entry_points(group="console_scripts")
+        if ep.name.startswith("sigmavae-")
+    }
+    assert scripts == {
+        "sigmavae-train": "sigmavae_jax.cli.train:main",
+        "sigmavae-eval": "sigmavae_jax.cli.eval:main",
+        "sigmavae-convert": "sigmavae_jax.cli.convert:main",
+    }, "reinstall: pip install --no-deps -e ."
     assert sigmavae_jax.__version__ == importlib.metadata.version("sigmavae_jax")
     bindir = pathlib.Path(sys.executable).parent
-    for name, usage in (("sigmavae-train", "--config CONFIG"), ("sigmavae-eval", "--checkpoint CHECKPOINT"),
-                        ("sigmavae-convert", "SRC OUT")):
+    for name, usage in (
+        ("sigmavae-train", "--config CONFIG"),
+        ("sigmavae-eval", "--checkpoint CHECKPOINT"),
+        ("sigmavae-convert", "SRC OUT"),
+    ):
         script = shutil.which(name, path=str(bindir))
         assert script, f"{name} is not installed next to {sys.executable}"
         done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)

@@ -186,9 +186,7 @@ def test_body_matches_torch_fidelity(body_outputs):
 
 
 @pytest.mark.parametrize("piece", ["max pool in Mixed_7c", "count_include_pad=False"])
-def test_fid_specific_pools_matter(
-    piece, tf_module, torch_net, normalized_input, body_outputs, monkeypatch
-):
+def test_fid_specific_pools_matter(piece, tf_module, torch_net, normalized_input, body_outputs, monkeypatch):
     """Undo one FID patch in the torch reference: the features move far beyond the tolerance,
     so the match above really checks that patch."""
     real = F
@@ -274,6 +272,7 @@ def test_weights_are_frozen_and_round_trip(model, weights_file, tmp_path):
     again = read_inception_weights(save_inception_weights(tmp_path / "i.safetensors", weights))
     for key, value in stored.items():
         np.testing.assert_array_equal(again[key], value)
+
     # Gradients w.r.t. the weights are zero (stop_gradient), even taken over the whole module.
     def total(m, x):
         return m.features_from_normalized(x).sum()
@@ -335,13 +334,9 @@ def test_converter_layout():
     arrays = inception_arrays_from_torch(state)
     assert {k: v.shape for k, v in arrays.items()} == inception_weight_shapes()
     w = state["Mixed_6b.branch7x7_2.conv.weight"]  # (128, 128, 1, 7) OIHW
-    np.testing.assert_array_equal(
-        arrays["Mixed_6b.branch7x7_2.conv.kernel"], w.transpose(2, 3, 1, 0)
-    )
+    np.testing.assert_array_equal(arrays["Mixed_6b.branch7x7_2.conv.kernel"], w.transpose(2, 3, 1, 0))
     for ours, theirs in [("var", "running_var"), ("mean", "running_mean"), ("scale", "weight")]:
-        np.testing.assert_array_equal(
-            arrays[f"Conv2d_1a_3x3.bn.{ours}"], state[f"Conv2d_1a_3x3.bn.{theirs}"]
-        )
+        np.testing.assert_array_equal(arrays[f"Conv2d_1a_3x3.bn.{ours}"], state[f"Conv2d_1a_3x3.bn.{theirs}"])
 
 
 def test_weight_check_lists_every_problem(model):

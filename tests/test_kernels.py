@@ -19,12 +19,18 @@ def test_upsampled_conv_equals_nearest_upsample_then_conv_with_gradients(upsampl
     with jax.default_matmul_precision("highest"):
         # the written form, independently: repeat rows and columns, then a padded 3x3 conv
         upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        reference = jax.lax.conv_general_dilated(upsampled, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        reference = jax.lax.conv_general_dilated(
+            upsampled, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         np.testing.assert_allclose(np.asarray(upsampled_conv(x, kernel)), np.asarray(reference), atol=1e-5)
         ours = jax.vjp(upsampled_conv, x, kernel)[1](cotangent)
         written = jax.vjp(
-            lambda x, k: jax.lax.conv_general_dilated(jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), k, (1, 1), "SAME",
-                                                      dimension_numbers=("NHWC", "HWIO", "NHWC")), x, kernel)[1](cotangent)
+            lambda x, k: jax.lax.conv_general_dilated(
+                jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            ),
+            x,
+            kernel,
+        )[1](cotangent)
     for got, want in zip(ours, written):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
 
@@ -33,7 +39,9 @@ def _same_conv_reference(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@pytest.mark.parametrize("pixels", [10**9, 3 * 11 * 9, 8 * 9])  # one piece; batch of 11-row pieces (ragged); single images
+@pytest.mark.parametrize(
+    "pixels", [10**9, 3 * 11 * 9, 8 * 9]
+)  # one piece; batch of 11-row pieces (ragged); single images
 def test_conv3x3_gradients_summed_over_pieces_equal_the_whole_conv(monkeypatch, pixels):
     monkeypatch.setattr(kernels, "KERNEL_GRAD_PIXELS", pixels)
     rng = np.random.default_rng(1)
@@ -65,7 +73,9 @@ def test_model_convs_match_flax_conv_and_lower_to_their_kernels(chosen, route):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 6)), jnp.float32)
     for size, stride, padding in [(1, 1, [(0, 0), (0, 0)]), (3, 1, [(1, 1), (1, 1)]), (3, 2, [(0, 1), (0, 1)])]:
-        ours = layers.conv(6, 4, size, stride=stride, padding=padding, dtype=jnp.float32, kernels=chosen, rngs=nnx.Rngs(0))
+        ours = layers.conv(
+            6, 4, size, stride=stride, padding=padding, dtype=jnp.float32, kernels=chosen, rngs=nnx.Rngs(0)
+        )
         flax_conv = nnx.Conv(6, 4, (size, size), strides=stride, padding=padding, rngs=nnx.Rngs(0))
         jaxpr = str(jax.make_jaxpr(ours)(x))
         # the strided conv is lax's own in both sets; the CPU set routes 1x1 and 3x3 'same' convs
@@ -107,7 +117,9 @@ def test_cond_returns_the_taken_branch_and_hides_the_other(cond):
     program = run.lower(True).as_text()
     assert (program.count("stablehlo.case") + program.count("stablehlo.if") > 0) == (cond is kernels.lax_cond)
     grad, value = run(True)
-    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(kernel)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(grad), np.asarray(jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(kernel)), rtol=1e-6
+    )
     assert np.isnan(value)  # log of a negative number: the taken branch is returned as is
     grad, value = run(False)
     assert not np.any(grad) and value == 0.0

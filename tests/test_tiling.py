@@ -23,7 +23,9 @@ def psnr(a, b) -> float:
     return float(10 * np.log10(1 / np.mean((a - b) ** 2)))
 
 
-@pytest.mark.parametrize("length, tile, overlap", [(512, 256, 128), (300, 64, 16), (100, 64, 32), (64, 64, 16), (40, 64, 8)])
+@pytest.mark.parametrize(
+    "length, tile, overlap", [(512, 256, 128), (300, 64, 16), (100, 64, 32), (64, 64, 16), (40, 64, 8)]
+)
 def test_tiles_cover_the_axis_and_blend_weights_sum_to_one(length, tile, overlap):
     for scale in (Fraction(1), Fraction(4), Fraction(1, 4)):
         grid = tiling._Grid.plan(length, tile, overlap, scale)
@@ -54,7 +56,7 @@ def test_merged_tile_statistics_are_the_whole_image_statistics():
             tile_norm = tiling.TileGroupNorm(norm, weight, None)
             tile_norm(x[:, top : top + rows.tile, left : left + cols.tile])
             records.append({"norm": tile_norm.record})
-    (mean, var), = tiling.combine_stats(records).values()
+    ((mean, var),) = tiling.combine_stats(records).values()
     groups = np.asarray(x, np.float64).reshape(2, 40, 56, 4, 4)
     np.testing.assert_allclose(mean, groups.mean((1, 2, 4)), rtol=1e-5)
     np.testing.assert_allclose(var, groups.var((1, 2, 4)), rtol=1e-5)
@@ -80,7 +82,9 @@ def test_tiling_settings_are_checked():
         tiling.Tiling("always", size=100, overlap=20).check_multiple(8)
     auto = tiling.Tiling()
     assert not auto.applies(1024, 1024) and auto.applies(1024, 1032) and not tiling.Tiling("never").applies(4096, 4096)
-    assert tiling.Tiling("always", size=256).applies(512, 256) and not tiling.Tiling("always", size=256).applies(256, 256)
+    assert tiling.Tiling("always", size=256).applies(512, 256) and not tiling.Tiling("always", size=256).applies(
+        256, 256
+    )
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,19 @@ import subprocess
 import time
 
 import numpy as np
+from test_train_loop import (
+    REPO,
+    command,
+    committed_steps,
+    environment,
+    exported_params,
+    jax_leaves,
+    run,
+)
 
 import sigmavae_jax
 from sigmavae_jax import api, checkpoint, storage
 from sigmavae_jax.config import Config, load_config
-from test_train_loop import (  # noqa: F401 (photos is a fixture)
-    REPO, command, committed_steps, environment, exported_params, jax_leaves, photos, run,
-)
 
 
 def gcs_environment(gcs) -> dict[str, str]:

@@ -17,7 +17,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 import sigmavae_jax
 from sigmavae_jax import storage
@@ -25,23 +24,15 @@ from sigmavae_jax.checkpoint import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASE = [
-    "train.batch_size=4", "train.image_size=32", "loss.perceptual_weight=0", "loss.disc_start=3",
-    "log.every=1", "log.images_every=1000", "optim.warmup_steps=0", "data.workers=0",
+    "train.batch_size=4",
+    "train.image_size=32",
+    "loss.perceptual_weight=0",
+    "loss.disc_start=3",
+    "log.every=1",
+    "log.images_every=1000",
+    "optim.warmup_steps=0",
+    "data.workers=0",
 ]
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> pathlib.Path:
-    """Smooth random colour images (plus two broken files) in a folder."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        small = rng.uniform(0, 255, (6, 6, 3)).astype(np.uint8)
-        Image.fromarray(small).resize((48 + 4 * i, 40), Image.BICUBIC).save(root / f"img_{i:02d}.png")
-    (root / "broken.jpg").write_bytes(b"not an image at all")
-    good = (root / "img_00.png").read_bytes()
-    (root / "truncated.png").write_bytes(good[: len(good) // 2])
-    return root
 
 
 def environment(devices: int = 1) -> dict[str, str]:
@@ -57,7 +48,16 @@ def environment(devices: int = 1) -> dict[str, str]:
 
 
 def command(workdir, photos, *extra) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), "--config", "tiny", f"workdir={workdir}", f"data.path={photos}", *BASE, *extra]
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--config",
+        "tiny",
+        f"workdir={workdir}",
+        f"data.path={photos}",
+        *BASE,
+        *extra,
+    ]
 
 
 def run(cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -95,7 +95,9 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, photos):
 
     workdir = tmp_path / "killed"
     kill_after = int(np.random.default_rng().choice([10, 20, 30]))  # a checkpoint is saved at this step
-    process = subprocess.Popen(command(workdir, photos, *steps), env=environment(), stderr=subprocess.PIPE, text=True, cwd=REPO)
+    process = subprocess.Popen(
+        command(workdir, photos, *steps), env=environment(), stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
     try:
         # kill once the checkpoint of step `kill_after` is finalised (an async save still in
         # flight is rightly not resumed from) and training has moved past it
@@ -128,7 +130,11 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path, photos):
     workdir = tmp_path / "run"
     process = subprocess.Popen(
         command(workdir, photos, "train.steps=1000", "checkpoint.every=500"),
-        env=environment(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env=environment(),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         wait_for(lambda: len(logged_steps(workdir)) >= 3, process)
@@ -148,7 +154,11 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path, photos):
 
 def test_bad_config_values_name_the_key(tmp_path, photos):
     done = subprocess.run(
-        command(tmp_path / "bad", photos, "train.batch_sise=4"), env=environment(), capture_output=True, text=True, cwd=REPO
+        command(tmp_path / "bad", photos, "train.batch_sise=4"),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert done.returncode == 2 and "train.batch_sise: unknown key" in done.stderr
     done = subprocess.run(
@@ -177,16 +187,26 @@ def start_two(argv_of, logs: pathlib.Path, env: dict[str, str] | None = None) ->
     for i in range(2):
         with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
             processes.append(
-                subprocess.Popen(argv_of(i, address), env=env or environment(), stdout=out, stderr=err, text=True, cwd=REPO)
+                subprocess.Popen(
+                    argv_of(i, address), env=env or environment(), stdout=out, stderr=err, text=True, cwd=REPO
+                )
             )
     return processes
 
 
 def train_argv(workdir, photos, *extra):
     """argv_of for `start_two`: train.py with the coordinator flags."""
-    return lambda i, address: command(workdir, photos, *extra) + [
-        "--coordinator", address, "--num-processes", "2", "--process-id", str(i),
-    ]
+    return lambda i, address: (
+        command(workdir, photos, *extra)
+        + [
+            "--coordinator",
+            address,
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        ]
+    )
 
 
 def finish(processes, logs: pathlib.Path, timeout=600) -> list[tuple[str, str]]:
@@ -218,8 +238,12 @@ def counted_two_process_run(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("counted")
     workdir = root / "run"
     overrides = [
-        f"workdir={workdir}", f"data.path={photos}", *BASE, f"train.steps={TWO_PROCESS_STEPS}",
-        "checkpoint.every=1000", "log.every=1000",
+        f"workdir={workdir}",
+        f"data.path={photos}",
+        *BASE,
+        f"train.steps={TWO_PROCESS_STEPS}",
+        "checkpoint.every=1000",
+        "log.every=1000",
     ]
     driver = str(REPO / "tests" / "collectives_driver.py")
     processes = start_two(
@@ -256,7 +280,8 @@ def committed_steps(gcs, bucket: str, checkpoints: str) -> list[int]:
     (no renames) the ones holding its commit file, `<step>/commit_success.txt`."""
     depth = checkpoints.count("/") + 2
     return sorted(
-        int(name.split("/")[-2]) for name in gcs.objects(bucket, checkpoints + "/")
+        int(name.split("/")[-2])
+        for name in gcs.objects(bucket, checkpoints + "/")
         if name.endswith("/commit_success.txt") and name.count("/") == depth
     )
 
@@ -278,7 +303,9 @@ def test_sigterm_to_one_of_two_processes_on_gs_saves_the_same_step_and_resumes_e
     logs = tmp_path / "preempted"
     processes = start_two(argv, logs, env)
     deadline = time.time() + 300
-    while progress_steps(logs / "0.err", last) < 2 and time.time() < deadline and all(p.poll() is None for p in processes):
+    while (
+        progress_steps(logs / "0.err", last) < 2 and time.time() < deadline and all(p.poll() is None for p in processes)
+    ):
         time.sleep(0.05)  # until both have compiled and are training
     # Process 1 writes no metrics and holds no flag anyone reads: only JAX's preemption
     # service can tell process 0.

@@ -7,14 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import images
 from flax import nnx
 
-from conftest import images
-from sigmavae_jax import losses, parallel
+from sigmavae_jax import kernels, losses, parallel
 from sigmavae_jax.config import load_config
 from sigmavae_jax.models.lpips import load_lpips
 from sigmavae_jax.train import state as train_state
-from sigmavae_jax import kernels
 from sigmavae_jax.train.step import compile_train_step, conv_kernel_grad, make_train_step
 
 BATCH, SIZE = 4, 32
@@ -137,8 +136,11 @@ def numpy_losses(cfg, x, terms, step, d_weight=None):
 def test_losses_and_adaptive_weight_match_references(pixel, disc_loss):
     # disc_start=1: the first step is before the GAN starts, the second after it.
     cfg = tiny_config(
-        f"loss.pixel_loss={pixel}", f"loss.disc_loss={disc_loss}", "loss.disc_start=1",
-        "loss.kl_weight=0.01", "loss.logvar_init=0.3",
+        f"loss.pixel_loss={pixel}",
+        f"loss.disc_loss={disc_loss}",
+        "loss.disc_start=1",
+        "loss.kl_weight=0.01",
+        "loss.logvar_init=0.3",
     )
     mesh = single_device_mesh()
     state, step, lpips_vars, _ = setup(cfg, mesh)
@@ -156,7 +158,9 @@ def test_losses_and_adaptive_weight_match_references(pixel, disc_loss):
         np.testing.assert_allclose(d_weight, terms["d_weight"] if index >= 1 else 0.0, rtol=5e-3)
         want = numpy_losses(cfg, x, terms, step=index, d_weight=d_weight)
         for name, value in want.items():
-            np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, atol=1e-6, err_msg=f"step {index}: {name}")
+            np.testing.assert_allclose(
+                float(metrics[name]), value, rtol=1e-5, atol=1e-6, err_msg=f"step {index}: {name}"
+            )
     assert d_weight > 0 and want["loss/disc"] > 0  # the GAN terms were exercised
 
 
@@ -212,17 +216,27 @@ def test_one_device_and_eight_devices_give_the_same_state():
     # lr-sized updates. eps=1e-3 keeps updates proportional to such noise; every other
     # difference between the sharded and unsharded step would still show.
     cfg = tiny_config(
-        "loss.perceptual_weight=0", "loss.disc_start=1", "train.fsdp_min_size=256", "train.batch_size=8", "optim.eps=1e-3"
+        "loss.perceptual_weight=0",
+        "loss.disc_start=1",
+        "train.fsdp_min_size=256",
+        "train.batch_size=8",
+        "optim.eps=1e-3",
     )
     batches = [images((8, SIZE, SIZE, 3), seed=s) for s in (1, 2)]  # step 0 before disc_start, step 1 after
     with jax.default_matmul_precision("highest"):
         reference, _ = run(cfg, single_device_mesh(), batches)
         for data, fsdp in ((4, 2), (8, 1)):
             mesh = parallel.make_mesh(data, fsdp)
-            cfg_mesh = cfg.model_copy(update={"train": cfg.train.model_copy(update={"mesh_data": data, "mesh_fsdp": fsdp})})
+            cfg_mesh = cfg.model_copy(
+                update={"train": cfg.train.model_copy(update={"mesh_data": data, "mesh_fsdp": fsdp})}
+            )
             state, history = run(cfg_mesh, mesh, batches)
             assert history[1]["d_weight"] > 0
-            sharded = [leaf for leaf in jax.tree.leaves(state) if hasattr(leaf, "sharding") and not leaf.sharding.is_fully_replicated]
+            sharded = [
+                leaf
+                for leaf in jax.tree.leaves(state)
+                if hasattr(leaf, "sharding") and not leaf.sharding.is_fully_replicated
+            ]
             assert bool(sharded) == (fsdp > 1)  # FSDP really split some parameters
             for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params)):
                 np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
@@ -243,7 +257,10 @@ def test_decoder_only_training_leaves_the_rest_bit_identical():
     for name in ("encoder", "quant_conv", "post_quant_conv"):
         for got, want in zip(jax.tree.leaves(after[name]), jax.tree.leaves(before[name])):
             np.testing.assert_array_equal(np.asarray(got), want)
-    changed = [not np.array_equal(np.asarray(g), w) for g, w in zip(jax.tree.leaves(after["decoder"]), jax.tree.leaves(before["decoder"]))]
+    changed = [
+        not np.array_equal(np.asarray(g), w)
+        for g, w in zip(jax.tree.leaves(after["decoder"]), jax.tree.leaves(before["decoder"]))
+    ]
     assert all(changed)
     assert float(metrics["grad_norm"]) > 0
 

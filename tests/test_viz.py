@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import photo_folder_with_tiny_export
 from PIL import Image
 
 import sigmavae_jax
-from conftest import photo_folder_with_tiny_export
 from sigmavae_jax import data, viz
 from sigmavae_jax.evaluate import EvalSettings, latent_figure_data
 
@@ -81,14 +81,19 @@ def test_latent_histograms_are_numpy_histograms():
         for name, density in hist["density"].items():
             values = samples[name][:, c]
             np.testing.assert_allclose(density, np.histogram(values, bins=edges, density=True)[0])
-            assert hist["mean"][name] == pytest.approx(values.mean()) and hist["std"][name] == pytest.approx(values.std())
+            assert hist["mean"][name] == pytest.approx(values.mean()) and hist["std"][name] == pytest.approx(
+                values.std()
+            )
     assert hists[0]["mean"]["a"] == pytest.approx(0.5, abs=0.1) and hists[0]["std"]["a"] == pytest.approx(2.0, abs=0.1)
 
 
 def test_latent_pca_figure_layout_and_content():
     rng = np.random.default_rng(0)
-    item = {"images": rng.uniform(-1, 1, (2, 16, 16, 3)), "reconstructions": rng.uniform(-1, 1, (2, 16, 16, 3)),
-            "latents": rng.normal(size=(2, 4, 4, 5))}
+    item = {
+        "images": rng.uniform(-1, 1, (2, 16, 16, 3)),
+        "reconstructions": rng.uniform(-1, 1, (2, 16, 16, 3)),
+        "latents": rng.normal(size=(2, 4, 4, 5)),
+    }
     one, two = viz.latent_pca_figure({"a": item}, gap=2, label_height=18), viz.latent_pca_figure({"a": item, "b": item})
     assert one.shape == (18 + 18 + 2 * 18, 3 * 16 + 2 * 2, 3)  # header, label, 2 rows of 16 + gap
     assert two.shape == (18 + 2 * (18 + 2 * 18), 52, 3)
@@ -132,10 +137,33 @@ def test_eval_cli_writes_both_figures(setup, tmp_path):
     root, export, _ = setup
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(export), "--compare", str(export), "--figures",
-         "--figure-images", "2", "--size", str(SIZE), "--batch-size", "4", "--num-images", "6", "--out", str(tmp_path),
-         "--name", "a", f"data.path={root}"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "eval.py"),
+            "--checkpoint",
+            str(export),
+            "--compare",
+            str(export),
+            "--figures",
+            "--figure-images",
+            "2",
+            "--size",
+            str(SIZE),
+            "--batch-size",
+            "4",
+            "--num-images",
+            "6",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "a",
+            f"data.path={root}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"latent PCA: {tmp_path / 'latent_pca.png'}" in done.stdout

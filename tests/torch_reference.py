@@ -110,8 +110,13 @@ def random_ldm_state_dict(vae: AutoencoderKL, seed=1) -> dict[str, np.ndarray]:
     cfg = vae.config
     chans = cfg.block_out_channels
     shapes = ldm_shapes(
-        chans[0], tuple(c // chans[0] for c in chans), cfg.layers_per_block, cfg.latent_channels,
-        cfg.use_quant_conv, cfg.in_channels, cfg.out_channels,
+        chans[0],
+        tuple(c // chans[0] for c in chans),
+        cfg.layers_per_block,
+        cfg.latent_channels,
+        cfg.use_quant_conv,
+        cfg.in_channels,
+        cfg.out_channels,
     )
     rng = np.random.default_rng(seed)
     ldm = {}

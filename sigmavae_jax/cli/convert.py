@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "out",
         metavar="OUT",
-        help="a new folder (--to jax, diffusers) or a new .safetensors file (--to ldm), local or gs://BUCKET/...; never overwritten",
+        help="a new folder (--to jax, diffusers) or a new .safetensors file (--to ldm), local or gs://BUCKET/...; "
+        "never overwritten",
     )
     parser.add_argument(
         "--config",

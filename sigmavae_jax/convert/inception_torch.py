@@ -62,11 +62,7 @@ def _check_torch_keys(state: Mapping[str, np.ndarray], source: str) -> None:
     # classes) from torchvision's ImageNet Inception (1000), which gives different features.
     optional = FC_SHAPES
     missing = [f"{k} expected {shape_str(v)}" for k, v in expected.items() if k not in state]
-    unexpected = [
-        k
-        for k in state
-        if k not in expected and k not in optional and not k.endswith(IGNORED_SUFFIX)
-    ]
+    unexpected = [k for k in state if k not in expected and k not in optional and not k.endswith(IGNORED_SUFFIX)]
     misshaped = [
         f"{k} got {shape_str(np.shape(state[k]))}, expected {shape_str(shape)}"
         for k, shape in {**expected, **optional}.items()
@@ -78,9 +74,7 @@ def _check_torch_keys(state: Mapping[str, np.ndarray], source: str) -> None:
     lines += listing("missing keys", missing)
     lines += listing("unexpected keys", unexpected)
     lines += listing("mis-shaped", misshaped)
-    if any(k.startswith("AuxLogits.") for k in unexpected) or any(
-        k.startswith("fc.") for k in misshaped
-    ):
+    if any(k.startswith("AuxLogits.") for k in unexpected) or any(k.startswith("fc.") for k in misshaped):
         lines.append(
             "  This looks like torchvision's ImageNet Inception-v3 (AuxLogits / 1000 classes). "
             f"FID needs pytorch-fid's weights, {TORCH_WEIGHTS_NAME}, from the pytorch-fid "
@@ -131,9 +125,7 @@ def read_inception_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return read_torch_state_dict(path, skip_suffixes=(IGNORED_SUFFIX,), alternative="")
 
 
-def convert_inception_torch(
-    pth_path: str | os.PathLike, out_path: str | os.PathLike
-) -> storage.Path:
+def convert_inception_torch(pth_path: str | os.PathLike, out_path: str | os.PathLike) -> storage.Path:
     """Converts pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` into an Inception file.
 
     Args:

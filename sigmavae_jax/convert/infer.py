@@ -75,13 +75,9 @@ def architecture_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
         z_channels = _need(shapes, ["encoder.conv_out.weight"], "z_channels")[0] // 2
 
     levels = sorted({int(m[1]) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    levels = levels or sorted(
-        {int(m[1]) for k in shapes if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
-    )
+    levels = levels or sorted({int(m[1]) for k in shapes if (m := re.match(r"decoder\.up\.(\d+)\.", k))})
     if not levels:
-        raise ConversionError(
-            "cannot tell ch_mult: the weights have no encoder.down.* or decoder.up.* levels"
-        )
+        raise ConversionError("cannot tell ch_mult: the weights have no encoder.down.* or decoder.up.* levels")
     ch_mult = []
     for level in range(levels[-1] + 1):
         width = _need(
@@ -100,12 +96,8 @@ def architecture_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
             )
         ch_mult.append(width // ch)
 
-    encoder_blocks = {
-        int(m[1]) for k in shapes if (m := re.match(r"encoder\.down\.\d+\.block\.(\d+)\.", k))
-    }
-    decoder_blocks = {
-        int(m[1]) for k in shapes if (m := re.match(r"decoder\.up\.\d+\.block\.(\d+)\.", k))
-    }
+    encoder_blocks = {int(m[1]) for k in shapes if (m := re.match(r"encoder\.down\.\d+\.block\.(\d+)\.", k))}
+    decoder_blocks = {int(m[1]) for k in shapes if (m := re.match(r"decoder\.up\.\d+\.block\.(\d+)\.", k))}
     # The decoder has one block more per level than the encoder.
     num_res_blocks = max(encoder_blocks) + 1 if encoder_blocks else max(decoder_blocks, default=0)
     if num_res_blocks < 1:
@@ -120,9 +112,7 @@ def architecture_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
         "z_channels": z_channels,
         "use_quant_conv": any(k.startswith("quant_conv.") for k in shapes),
         "use_post_quant_conv": any(k.startswith("post_quant_conv.") for k in shapes),
-        "mid_attention": any(
-            k.startswith(("encoder.mid.attn_1.", "decoder.mid.attn_1.")) for k in shapes
-        ),
+        "mid_attention": any(k.startswith(("encoder.mid.attn_1.", "decoder.mid.attn_1.")) for k in shapes),
     }
 
 
@@ -138,11 +128,7 @@ def side_config_kind(side: Mapping[str, Any] | None) -> str | None:
         return "sigmavae_jax"
     if any(key in side for key in NEXTSTEP_KEYS):
         return "nextstep"
-    if (
-        side.get("_class_name") == "AutoencoderKL"
-        or "block_out_channels" in side
-        or "latent_channels" in side
-    ):
+    if side.get("_class_name") == "AutoencoderKL" or "block_out_channels" in side or "latent_channels" in side:
         return "diffusers"
     return None
 
@@ -157,9 +143,7 @@ def _architecture_from_side(kind: str, side: Mapping[str, Any]) -> dict[str, Any
         widths = side.get("block_out_channels")
         if widths:
             arch["ch"] = widths[0]
-            arch["ch_mult"] = tuple(
-                w // widths[0] if w % widths[0] == 0 else w / widths[0] for w in widths
-            )
+            arch["ch_mult"] = tuple(w // widths[0] if w % widths[0] == 0 else w / widths[0] for w in widths)
         renames = {
             "in_channels": "in_channels",
             "out_channels": "out_channels",
@@ -179,9 +163,7 @@ def _architecture_from_side(kind: str, side: Mapping[str, Any]) -> dict[str, Any
             "num_res_blocks": "num_res_blocks",
             "z_channels": "z_channels",
         }
-    arch.update(
-        {ours: side[theirs] for theirs, ours in renames.items() if side.get(theirs) is not None}
-    )
+    arch.update({ours: side[theirs] for theirs, ours in renames.items() if side.get(theirs) is not None})
     return arch
 
 
@@ -317,8 +299,7 @@ def resolve_config(
         stated = side_latent.get("scaling_factor")
         if stated is not None and stated != given.model.scaling_factor:
             warnings.append(
-                f"{side_label} states scaling_factor {stated}; using {given.model.scaling_factor} "
-                f"from {given_label}"
+                f"{side_label} states scaling_factor {stated}; using {given.model.scaling_factor} from {given_label}"
             )
         return given, warnings
 
@@ -328,9 +309,7 @@ def resolve_config(
         latent.update(family_latent)
         warnings.append(warning)
     if kind == "diffusers" and (side.get("latents_mean") or side.get("latents_std")):
-        warnings.append(
-            f"{side_label} has latents_mean/latents_std, which this model does not use; ignored"
-        )
+        warnings.append(f"{side_label} has latents_mean/latents_std, which this model does not use; ignored")
     try:
         model = ModelConfig(**{"norm_groups": DEFAULT_NORM_GROUPS, **known, **latent})
     except pydantic.ValidationError as error:

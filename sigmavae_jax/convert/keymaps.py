@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from sigmavae_jax.models import params as param_tree
 from sigmavae_jax.config import ModelConfig
 from sigmavae_jax.convert.errors import ConversionError
+from sigmavae_jax.models import params as param_tree
 
 LAYOUTS = ("ldm", "diffusers")
 VAE_ROOTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
@@ -37,9 +37,7 @@ WRAPPER_PREFIXES = ("first_stage_model.", "vae.", "model.", "module.")
 
 class Kind(enum.Enum):
     CONV = "conv"  # ours (k, k, C_in, C_out); torch (C_out, C_in, k, k)
-    LINEAR = (
-        "linear"  # ours (C_in, C_out); LDM 1x1 conv (C_out, C_in, 1, 1); diffusers (C_out, C_in)
-    )
+    LINEAR = "linear"  # ours (C_in, C_out); LDM 1x1 conv (C_out, C_in, 1, 1); diffusers (C_out, C_in)
     VECTOR = "vector"  # biases and GroupNorm scales: (C,) in every layout
 
 
@@ -309,9 +307,7 @@ def select_vae_keys(names: Iterable[str]) -> VaeKeys:
         heads: dict[str, int] = {}
         for name in names:
             heads[name.split(".", 1)[0]] = heads.get(name.split(".", 1)[0], 0) + 1
-        common = ", ".join(
-            f"{h}.* ({n})" for h, n in sorted(heads.items(), key=lambda x: -x[1])[:8]
-        )
+        common = ", ".join(f"{h}.* ({n})" for h, n in sorted(heads.items(), key=lambda x: -x[1])[:8])
         raise ConversionError(
             "no VAE tensors found: expected names starting with "
             f"{', '.join(r + '.' for r in VAE_ROOTS)} (possibly after "
@@ -323,8 +319,7 @@ def select_vae_keys(names: Iterable[str]) -> VaeKeys:
             for prefix, keys in by_prefix.items()
         )
         raise ConversionError(
-            f"VAE tensors appear under several prefixes ({examples}); save the one VAE you "
-            "want to convert on its own"
+            f"VAE tensors appear under several prefixes ({examples}); save the one VAE you want to convert on its own"
         )
     prefix, vae = next(iter(by_prefix.items()))
     return VaeKeys(names=vae, prefix=prefix, ignored=ignored)
@@ -373,9 +368,7 @@ def canonical_names(vae: VaeKeys, layout: str, n_levels: int) -> dict[str, str]:
             clashes.append(f"{canonical[name]} and {original} are both {name}")
         canonical[name] = original
     if clashes:
-        raise ConversionError(
-            "\n".join(["several tensors map to one parameter:"] + [f"  {c}" for c in clashes[:20]])
-        )
+        raise ConversionError("\n".join(["several tensors map to one parameter:"] + [f"  {c}" for c in clashes[:20]]))
     return canonical
 
 
@@ -394,21 +387,14 @@ def _flat_checked(params: Mapping[Any, Any], model_cfg: ModelConfig) -> dict[tup
 def to_ldm_state_dict(params: Mapping[Any, Any], model_cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our nested params -> {LDM key: numpy array in torch layout}, dtype as given."""
     flat = _flat_checked(params, model_cfg)
-    return {
-        slot.ldm_key: to_torch(slot.kind, np.asarray(flat[slot.path]), "ldm")
-        for slot in param_slots(model_cfg)
-    }
+    return {slot.ldm_key: to_torch(slot.kind, np.asarray(flat[slot.path]), "ldm") for slot in param_slots(model_cfg)}
 
 
-def to_diffusers_state_dict(
-    params: Mapping[Any, Any], model_cfg: ModelConfig
-) -> dict[str, np.ndarray]:
+def to_diffusers_state_dict(params: Mapping[Any, Any], model_cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our nested params -> {diffusers key: numpy array in torch layout}, dtype as given."""
     flat = _flat_checked(params, model_cfg)
     n_levels = len(model_cfg.ch_mult)
     return {
-        ldm_to_diffusers(slot.ldm_key, n_levels): to_torch(
-            slot.kind, np.asarray(flat[slot.path]), "diffusers"
-        )
+        ldm_to_diffusers(slot.ldm_key, n_levels): to_torch(slot.kind, np.asarray(flat[slot.path]), "diffusers")
         for slot in param_slots(model_cfg)
     }

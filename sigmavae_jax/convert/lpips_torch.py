@@ -69,11 +69,7 @@ def _check_keys(
     other_keys: Mapping[str, Any],
 ) -> None:
     missing = [k for k in expected if k not in state]
-    unexpected = [
-        k
-        for k in state
-        if k not in expected and not (ignored_prefix and k.startswith(ignored_prefix))
-    ]
+    unexpected = [k for k in state if k not in expected and not (ignored_prefix and k.startswith(ignored_prefix))]
     misshaped = [
         f"{k} got {shape_str(state[k].shape)}, expected {shape_str(expected[k])}"
         for k in expected
@@ -163,8 +159,7 @@ def read_torch_state_dict(
         import torch
     except ImportError:
         raise ConversionError(
-            f"reading {path} needs PyTorch, which is not installed: "
-            f"pip install 'sigmavae_jax[torch]'{alternative}"
+            f"reading {path} needs PyTorch, which is not installed: pip install 'sigmavae_jax[torch]'{alternative}"
         ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -14,12 +14,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sigmavae_jax import storage
-from sigmavae_jax.models import params as param_tree
 from sigmavae_jax.checkpoint import is_params_export, load_params
 from sigmavae_jax.config import Config, ModelConfig, to_dict
 from sigmavae_jax.convert import infer, keymaps, readers, writers
 from sigmavae_jax.convert.errors import ConversionError, ConversionWarning, shape_str
 from sigmavae_jax.messages import listing
+from sigmavae_jax.models import params as param_tree
 
 ConfigArg = str | os.PathLike | Config | ModelConfig | None
 
@@ -69,27 +69,17 @@ def _plan(
         expected = shape_str(keymaps.torch_shape(slot.kind, slot.shape, layout))
         name = canonical.get(slot.ldm_key)
         if name is None:
-            missing.append(
-                f"{keymaps.source_name(slot.ldm_key, layout, n_levels, prefix)} expected {expected}"
-            )
+            missing.append(f"{keymaps.source_name(slot.ldm_key, layout, n_levels, prefix)} expected {expected}")
         elif not keymaps.accepts_torch_shape(slot.kind, slot.shape, tensors[name].shape):
             misshaped.append(f"{name} got {shape_str(tensors[name].shape)}, expected {expected}")
         else:
             plan.append((slot, name))
     used = {slot.ldm_key for slot in keymaps.param_slots(model)}
-    unexpected = [
-        f"{name} {shape_str(tensors[name].shape)}"
-        for key, name in canonical.items()
-        if key not in used
-    ]
+    unexpected = [f"{name} {shape_str(tensors[name].shape)}" for key, name in canonical.items() if key not in used]
     if not (missing or unexpected or misshaped):
         return plan
     lines = [f"{path} ({layout} keys) does not fit the model ({_describe(model)}; {origin}):"]
-    lines += (
-        listing("missing", missing)
-        + listing("unexpected", unexpected)
-        + listing("mis-shaped", misshaped)
-    )
+    lines += listing("missing", missing) + listing("unexpected", unexpected) + listing("mis-shaped", misshaped)
     if any(".attn." in line for line in unexpected):
         lines.append(
             "Attention blocks inside the down/up levels (e.g. encoder.down.N.attn) are not "
@@ -103,9 +93,7 @@ def _emit(messages: list[str]) -> None:
         warnings.warn(message, ConversionWarning, stacklevel=3)
 
 
-def load_torch_weights(
-    src: str | os.PathLike, config: ConfigArg = None, *, progress: bool | None = None
-) -> Converted:
+def load_torch_weights(src: str | os.PathLike, config: ConfigArg = None, *, progress: bool | None = None) -> Converted:
     """Reads a PyTorch AutoencoderKL (SD/SDXL/FLUX/NextStep-1; LDM or diffusers keys) into
     our params and config.
 
@@ -140,14 +128,8 @@ def load_torch_weights(
             given,
             given_label,
         )
-        origin = (
-            f"architecture checked against {given_label}"
-            if given
-            else "architecture inferred from the weights"
-        )
-        plan = _plan(
-            canonical, weights.tensors, layout, vae.prefix, config_obj.model, origin, weights.path
-        )
+        origin = f"architecture checked against {given_label}" if given else "architecture inferred from the weights"
+        plan = _plan(canonical, weights.tensors, layout, vae.prefix, config_obj.model, origin, weights.path)
         _emit(notes)
         flat = {}
         bar = tqdm(
@@ -214,9 +196,7 @@ def convert(
     writers.check_dtype(dtype)
     if is_params_export(src):
         if to == "jax":
-            raise ConversionError(
-                f"{src} is already a sigmavae_jax params export; pick --to diffusers or ldm"
-            )
+            raise ConversionError(f"{src} is already a sigmavae_jax params export; pick --to diffusers or ldm")
         converted = load_params_export(src, config)
     else:
         converted = load_torch_weights(src, config, progress=progress)

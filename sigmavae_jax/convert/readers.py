@@ -76,9 +76,7 @@ def corrupt_file_error(path: pathlib.Path, detail: Any) -> ConversionError:
 
 def _check_float(path: pathlib.Path, key: str, dtype: str) -> None:
     if dtype not in FLOAT_DTYPES:
-        raise ConversionError(
-            f"{path}: tensor {key!r} has dtype {dtype}; VAE weights must be floating point"
-        )
+        raise ConversionError(f"{path}: tensor {key!r} has dtype {dtype}; VAE weights must be floating point")
 
 
 class SafetensorsFile:
@@ -98,9 +96,7 @@ class SafetensorsFile:
             for key in self._handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 view = self._handle.get_slice(key)
                 dtype = view.get_dtype()
-                self.tensors[key] = TensorInfo(
-                    tuple(view.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype.lower())
-                )
+                self.tensors[key] = TensorInfo(tuple(view.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype.lower()))
         except self._errors as error:
             raise corrupt_file_error(path, error) from None
 
@@ -160,9 +156,7 @@ class TorchFile:
         self.path = path
         try:
             # mmap needs the zip format (torch >= 1.6); legacy pickles load fully.
-            obj = torch.load(
-                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-            )
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as error:
             if "Unsupported global" in str(error):
                 raise _untrusted_objects_error(path, error) from None
@@ -173,8 +167,7 @@ class TorchFile:
         self._state = {str(k): v for k, v in state.items() if torch.is_tensor(v)}
         self.non_tensors = [str(k) for k, v in state.items() if not torch.is_tensor(v)]
         self.tensors = {
-            key: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-            for key, t in self._state.items()
+            key: TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in self._state.items()
         }
         self._torch = torch
 
@@ -199,9 +192,7 @@ def _find_state_dict(obj: Any, path: pathlib.Path, is_tensor) -> tuple[Mapping, 
     while True:
         if not isinstance(node, Mapping):
             where = "".join(f"[{k!r}]" for k in nesting)
-            raise ConversionError(
-                f"{path}{where} is a {type(node).__name__}, not a dict of tensors (a state dict)"
-            )
+            raise ConversionError(f"{path}{where} is a {type(node).__name__}, not a dict of tensors (a state dict)")
         if any(is_tensor(v) for v in node.values()):
             return node, nesting
         wrapper = next((k for k in WRAPPER_KEYS if isinstance(node.get(k), Mapping)), None)
@@ -288,9 +279,7 @@ def open_source(src: str | pathlib.Path) -> Source:
         raise ConversionError(f"{path}: no such file or folder")
     if path.is_dir():
         if is_params_export(path):
-            raise ConversionError(
-                f"{path} is already a sigmavae_jax params export; load it with sigmavae_jax.load()"
-            )
+            raise ConversionError(f"{path} is already a sigmavae_jax params export; load it with sigmavae_jax.load()")
         path = _folder_weights(path)
     # A config.json belongs to the weights only beside a folder's own weights file; next to
     # an arbitrary file (ae.safetensors, a .ckpt) it may describe something else.
@@ -303,8 +292,6 @@ def open_source(src: str | pathlib.Path) -> Source:
         try:
             model = json.loads(embedded)
         except json.JSONDecodeError as error:
-            raise ConversionError(
-                f"{path}: metadata {EMBEDDED_CONFIG_KEY} is not valid JSON ({error})"
-            ) from None
+            raise ConversionError(f"{path}: metadata {EMBEDDED_CONFIG_KEY} is not valid JSON ({error})") from None
         return Source(weights, {"sigmavae_jax_model": model}, f"the metadata of {path}")
     return Source(weights)

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 
 from sigmavae_jax import storage
-from sigmavae_jax.models import params as param_tree
 from sigmavae_jax.checkpoint import save_params
 from sigmavae_jax.config import Config, ModelConfig, to_dict
 from sigmavae_jax.convert.errors import ConversionError, ConversionWarning
 from sigmavae_jax.convert.keymaps import to_diffusers_state_dict, to_ldm_state_dict
 from sigmavae_jax.convert.readers import EMBEDDED_CONFIG_KEY
+from sigmavae_jax.models import params as param_tree
 
 TARGETS = ("jax", "diffusers", "ldm")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -29,24 +29,16 @@ def check_output(out: storage.Path, to: str) -> None:
         raise ConversionError(f"output format {to!r} unknown; use one of {list(TARGETS)}")
     if to == "ldm":
         if out.is_dir():
-            raise ConversionError(
-                f"{out} is a folder; --to ldm writes one file, e.g. {out / 'vae.safetensors'}"
-            )
+            raise ConversionError(f"{out} is a folder; --to ldm writes one file, e.g. {out / 'vae.safetensors'}")
         if out.suffix != ".safetensors":
-            raise ConversionError(
-                f"--to ldm writes a safetensors file; give a path ending in .safetensors, not {out}"
-            )
+            raise ConversionError(f"--to ldm writes a safetensors file; give a path ending in .safetensors, not {out}")
         if out.exists() and out.stat().st_size > 0:
-            raise ConversionError(
-                f"{out} exists; choose a new output file (nothing is overwritten)"
-            )
+            raise ConversionError(f"{out} exists; choose a new output file (nothing is overwritten)")
         return
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} is a file; --to {to} writes a folder, give a new folder path")
     if out.is_dir() and any(out.iterdir()):
-        raise ConversionError(
-            f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)"
-        )
+        raise ConversionError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
 
 
 def check_dtype(dtype: str) -> None:
@@ -58,16 +50,12 @@ def cast_params(params: Mapping[Any, Any], dtype: str) -> dict[Any, Any]:
     """Nested params with every array cast to `dtype` ("float32" or "bfloat16") as numpy."""
     target = np.dtype(param_tree.DTYPES[dtype])  # jnp.bfloat16 is the ml_dtypes numpy type
     return {
-        key: cast_params(value, dtype)
-        if isinstance(value, Mapping)
-        else np.asarray(value).astype(target, copy=False)
+        key: cast_params(value, dtype) if isinstance(value, Mapping) else np.asarray(value).astype(target, copy=False)
         for key, value in params.items()
     }
 
 
-def write_jax(
-    out: storage.Path, params: Mapping[Any, Any], config: Config, **export_info: Any
-) -> storage.Path:
+def write_jax(out: storage.Path, params: Mapping[Any, Any], config: Config, **export_info: Any) -> storage.Path:
     """A params export that `sigmavae_jax.load(out)` reads."""
     try:
         return save_params(out, dict(params), config, **export_info)
@@ -102,9 +90,7 @@ def diffusers_config(model: ModelConfig) -> dict[str, Any]:
 def _warn_unrepresentable(model: ModelConfig) -> None:
     lost = []
     if model.latent_norm != "none":
-        lost.append(
-            f"the latent normalisation ({model.latent_norm}, patch {model.latent_norm_patch})"
-        )
+        lost.append(f"the latent normalisation ({model.latent_norm}, patch {model.latent_norm_patch})")
     if model.posterior == "deterministic":
         lost.append("the deterministic posterior")
     if lost:
@@ -117,9 +103,7 @@ def _warn_unrepresentable(model: ModelConfig) -> None:
         )
 
 
-def _save_safetensors(
-    tensors: dict[str, np.ndarray], path: storage.Path, model: ModelConfig
-) -> None:
+def _save_safetensors(tensors: dict[str, np.ndarray], path: storage.Path, model: ModelConfig) -> None:
     from safetensors.numpy import save
 
     # "format": "pt" tells torch-side loaders these are torch-layout tensors; the embedded
@@ -128,9 +112,7 @@ def _save_safetensors(
     storage.write_bytes_atomically(path, save(tensors, metadata=metadata))
 
 
-def write_diffusers(
-    out: storage.Path, params: Mapping[Any, Any], model: ModelConfig
-) -> storage.Path:
+def write_diffusers(out: storage.Path, params: Mapping[Any, Any], model: ModelConfig) -> storage.Path:
     """A folder that `diffusers.AutoencoderKL.from_pretrained(out)` loads."""
     _warn_unrepresentable(model)
     state = to_diffusers_state_dict(params, model)

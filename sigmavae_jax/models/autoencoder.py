@@ -25,7 +25,6 @@ from sigmavae_jax.models.layers import (
     conv,
 )
 
-
 Remat = bool | str  # False | True | "convs" (see config.TrainConfig.remat)
 # What a recomputed unit saves for its backward pass, besides its input.
 REMAT_POLICIES = {True: jax.checkpoint_policies.nothing_saveable, "convs": jax.checkpoint_policies.dots_saveable}
@@ -89,9 +88,7 @@ class MidBlock(nnx.Module):
 
     def __init__(self, channels: int, *, attention: bool, groups: int, dtype, kernels: Kernels, rngs: nnx.Rngs):
         self.block_1 = ResnetBlock(channels, channels, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
-        self.attn_1 = (
-            AttnBlock(channels, groups=groups, dtype=dtype, rngs=rngs) if attention else None
-        )
+        self.attn_1 = AttnBlock(channels, groups=groups, dtype=dtype, rngs=rngs) if attention else None
         self.block_2 = ResnetBlock(channels, channels, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
 
     def steps(self) -> list[Step]:
@@ -143,7 +140,9 @@ class Encoder(nnx.Module):
             down = None if last else Downsample(block_in, dtype=dtype, kernels=kernels, rngs=rngs)
             levels.append(Level(blocks, downsample=down))
         self.down = nnx.List(levels)
-        self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
+        self.mid = MidBlock(
+            block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs
+        )
         self.norm_out = GroupNorm(block_in, num_groups=groups, model_dtype=dtype, rngs=rngs)
         self.conv_out = conv(block_in, 2 * cfg.z_channels, 3, dtype=dtype, kernels=kernels, rngs=rngs)
 
@@ -170,7 +169,9 @@ class Decoder(nnx.Module):
         groups = cfg.norm_groups
         block_in = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = conv(cfg.z_channels, block_in, 3, dtype=dtype, kernels=kernels, rngs=rngs)
-        self.mid = MidBlock(block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs)
+        self.mid = MidBlock(
+            block_in, attention=cfg.mid_attention, groups=groups, dtype=dtype, kernels=kernels, rngs=rngs
+        )
         levels = {}
         for i in reversed(range(len(cfg.ch_mult))):
             block_out = cfg.ch * cfg.ch_mult[i]
@@ -201,14 +202,8 @@ def check_image_shape(cfg: ModelConfig, shape: tuple[int, ...]) -> None:
     if len(shape) != 4:
         raise ValueError(f"images must be NHWC (batch, height, width, channels); got shape {shape}")
     if shape[-1] != cfg.in_channels:
-        hint = (
-            " (this looks like NCHW: transpose with x.transpose(0, 2, 3, 1))"
-            if shape[1] == cfg.in_channels
-            else ""
-        )
-        raise ValueError(
-            f"images must have {cfg.in_channels} channels last; got shape {shape}{hint}"
-        )
+        hint = " (this looks like NCHW: transpose with x.transpose(0, 2, 3, 1))" if shape[1] == cfg.in_channels else ""
+        raise ValueError(f"images must have {cfg.in_channels} channels last; got shape {shape}{hint}")
     m = cfg.spatial_multiple
     if shape[1] % m or shape[2] % m:
         raise ValueError(

@@ -30,15 +30,27 @@ class NLayerDiscriminator(nnx.Module):
     def __init__(self, cfg: DiscriminatorConfig, *, in_channels: int = 3, rngs: nnx.Rngs, dtype=jnp.float32):
         def conv(cin, cout, stride, bias):
             return nnx.Conv(
-                cin, cout, (4, 4), strides=stride, padding=[(1, 1), (1, 1)], use_bias=bias,
-                kernel_init=_CONV_INIT, dtype=dtype, rngs=rngs,
+                cin,
+                cout,
+                (4, 4),
+                strides=stride,
+                padding=[(1, 1), (1, 1)],
+                use_bias=bias,
+                kernel_init=_CONV_INIT,
+                dtype=dtype,
+                rngs=rngs,
             )
 
         def norm(c):
             # torch BatchNorm2d: momentum 0.1 (flax: 0.9), eps 1e-5, statistics in float32
             return nnx.BatchNorm(
-                c, momentum=0.9, epsilon=1e-5, dtype=jnp.float32, scale_init=_bn_scale_init,
-                use_fast_variance=False, rngs=rngs,
+                c,
+                momentum=0.9,
+                epsilon=1e-5,
+                dtype=jnp.float32,
+                scale_init=_bn_scale_init,
+                use_fast_variance=False,
+                rngs=rngs,
             )
 
         ndf = cfg.ndf

@@ -53,8 +53,7 @@ BN_EPS = 0.001  # torchvision's BasicConv2d (the TF graph's value)
 TORCH_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 INCEPTION_FIX = (
-    "Convert torch files (.pth) first: python convert_torch_weights.py "
-    f"{TORCH_WEIGHTS_NAME} inception.npz --inception"
+    f"Convert torch files (.pth) first: python convert_torch_weights.py {TORCH_WEIGHTS_NAME} inception.npz --inception"
 )
 HOW_TO_GET_WEIGHTS = (
     "FID needs pytorch-fid's Inception-v3 weights. Download "
@@ -223,9 +222,7 @@ def check_inception_weights(arrays: Mapping[str, Any], source: str) -> None:
     dtypes = {k: np.asarray(arrays[k]).dtype for k in present}
     not_float = [f"{k} has dtype {d}" for k, d in dtypes.items() if d.kind != "f"]
     negative_var = [
-        k
-        for k in present
-        if k.endswith(".bn.var") and dtypes[k].kind == "f" and np.any(np.asarray(arrays[k]) < 0)
+        k for k in present if k.endswith(".bn.var") and dtypes[k].kind == "f" and np.any(np.asarray(arrays[k]) < 0)
     ]
     if not (missing or unexpected or misshaped or not_float or negative_var):
         return
@@ -277,9 +274,7 @@ class FrozenBatchNorm(nnx.Module):
 class BasicConv2d(nnx.Module):
     """torchvision's BasicConv2d: conv (no bias) -> BatchNorm (running stats) -> ReLU."""
 
-    def __init__(
-        self, weights: Mapping[str, Any], name: str, spec: ConvSpec, *, precision: Precision
-    ):
+    def __init__(self, weights: Mapping[str, Any], name: str, spec: ConvSpec, *, precision: Precision):
         self.conv = FrozenKernel(weights[f"{name}.conv.kernel"])
         self.bn = FrozenBatchNorm(*(weights[f"{name}.bn.{leaf}"] for leaf in BN_LEAVES))
         self.stride = spec.stride
@@ -439,9 +434,7 @@ class FIDInception(nnx.Module):
         for spec in STEM:
             setattr(self, spec.name, BasicConv2d(weights, spec.name, spec, precision=precision))
         for block, kind, c_in, extra in BLOCKS:
-            setattr(
-                self, block, MixedBlock(weights, block, kind, c_in, extra, precision=precision)
-            )
+            setattr(self, block, MixedBlock(weights, block, kind, c_in, extra, precision=precision))
 
     def features_from_normalized(self, x: jax.Array) -> jax.Array:
         """The network body without the input stage.
@@ -478,9 +471,7 @@ class FIDInception(nnx.Module):
           (B, 2048) float32 pool features, as pytorch-fid's `InceptionV3([3])(x)[0][:, :, 0, 0]`.
         """
         if images_01.ndim != 4 or images_01.shape[-1] != 3:
-            raise ValueError(
-                f"FIDInception takes (B, H, W, 3) NHWC images; got shape {images_01.shape}"
-            )
+            raise ValueError(f"FIDInception takes (B, H, W, 3) NHWC images; got shape {images_01.shape}")
         if not jnp.issubdtype(images_01.dtype, jnp.floating):
             raise ValueError(
                 f"FIDInception takes float images in [0, 1]; got dtype {images_01.dtype}. "
@@ -491,15 +482,10 @@ class FIDInception(nnx.Module):
     def weights(self) -> dict[str, np.ndarray]:
         """The weights as float32 numpy arrays under their file keys (`save_inception_weights`)."""
         state = nnx.state(self, InceptionWeight)
-        return {
-            ".".join(map(str, path)): np.asarray(var[...])
-            for path, var in nnx.to_flat_state(state)
-        }
+        return {".".join(map(str, path)): np.asarray(var[...]) for path, var in nnx.to_flat_state(state)}
 
     @classmethod
-    def from_file(
-        cls, path: str | os.PathLike, *, precision: Precision = "highest"
-    ) -> "FIDInception":
+    def from_file(cls, path: str | os.PathLike, *, precision: Precision = "highest") -> "FIDInception":
         """A FIDInception holding the weights of a `.npz` or `.safetensors` weight file."""
         return cls(read_inception_weights(path), precision=precision)
 
@@ -510,7 +496,11 @@ class FIDInception(nnx.Module):
 
 
 INCEPTION_FILES = weight_files.WeightFormat(
-    "Inception", INCEPTION_FIX, HOW_TO_GET_WEIGHTS, check_inception_weights, inception_weight_shapes,
+    "Inception",
+    INCEPTION_FIX,
+    HOW_TO_GET_WEIGHTS,
+    check_inception_weights,
+    inception_weight_shapes,
     {"format": "sigmavae_jax.inception", "net": "fid_inception_v3"},
 )
 
@@ -528,9 +518,7 @@ def save_inception_weights(path: str | os.PathLike, arrays: Mapping[str, Any]) -
     return INCEPTION_FILES.save(path, arrays)
 
 
-def load_inception(
-    path: str | os.PathLike, *, precision: Precision = "highest"
-) -> FIDInception:
+def load_inception(path: str | os.PathLike, *, precision: Precision = "highest") -> FIDInception:
     """The FID Inception with pretrained weights from `path` (`.npz`/`.safetensors`, made by
     `convert_inception_torch`). A missing file raises FileNotFoundError saying how to get one.
     """

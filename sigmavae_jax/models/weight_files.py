@@ -21,7 +21,9 @@ WEIGHT_SUFFIXES = (".npz", ".safetensors")
 def check_suffix(path: storage.Path, what: str, fix: str) -> None:
     """ValueError unless `path` ends in .npz or .safetensors; `fix` says what to do instead."""
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(f"{path}: {what} weight files end in {' or '.join(WEIGHT_SUFFIXES)}, not {path.suffix!r}. {fix}")
+        raise ValueError(
+            f"{path}: {what} weight files end in {' or '.join(WEIGHT_SUFFIXES)}, not {path.suffix!r}. {fix}"
+        )
 
 
 def read_arrays(path: storage.Path, what: str, how_to_get: str) -> dict[str, np.ndarray]:

@@ -24,11 +24,11 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sigmavae_jax import data, parallel, storage, viz
-from sigmavae_jax.models.params import check_params
 from sigmavae_jax.checkpoint import Checkpointer, export_params, load_params, with_shardings
 from sigmavae_jax.config import Config, ConfigError, to_dict
+from sigmavae_jax.models.params import check_params
 from sigmavae_jax.train.program import build_program
-from sigmavae_jax.train.state import TrainStructure, TrainState, create_state, learning_rate_schedule
+from sigmavae_jax.train.state import TrainState, TrainStructure, create_state, learning_rate_schedule
 
 log = logging.getLogger("sigmavae_jax")
 PREVIEW_IMAGES = 8
@@ -143,7 +143,8 @@ def _init_params(path: str, cfg: Config) -> dict[str, Any]:
     except ValueError as error:
         raise ConfigError(f"--init {path} does not fit model config of this run: {error}") from None
     differing = [
-        key for key, value in to_dict(init_cfg.model).items()
+        key
+        for key, value in to_dict(init_cfg.model).items()
         if key not in ("noise", "sample_posterior") and to_dict(cfg.model)[key] != value
     ]
     if differing:
@@ -153,7 +154,9 @@ def _init_params(path: str, cfg: Config) -> dict[str, Any]:
 
 def _preview_batch(cfg: Config) -> np.ndarray:
     """A fixed batch of eval-transformed images for the reconstruction grids."""
-    for images, count in data.eval_batches(cfg, size=cfg.train.image_size, batch_size=PREVIEW_IMAGES, limit=PREVIEW_IMAGES):
+    for images, count in data.eval_batches(
+        cfg, size=cfg.train.image_size, batch_size=PREVIEW_IMAGES, limit=PREVIEW_IMAGES
+    ):
         return images[:count]
     raise ConfigError("the data source holds no readable image")
 
@@ -218,7 +221,8 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
         step_fn = step_fn.lower(state, batch, lpips_vars).compile()
         memory = step_fn.memory_analysis()
         log.info(
-            "compiled the train step in %.1f s%s", time.perf_counter() - start,
+            "compiled the train step in %.1f s%s",
+            time.perf_counter() - start,
             f" (temp {memory.temp_size_in_bytes / 2**20:.0f} MiB)" if memory is not None else "",
         )
         preview = _preview_batch(cfg)
@@ -229,8 +233,9 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
 
         step = int(state.step)
         first_step, total = step, cfg.train.steps
-        progress = tqdm(total=total, initial=step, unit="step", disable=not (main_process and show_progress),
-                        dynamic_ncols=True)
+        progress = tqdm(
+            total=total, initial=step, unit="step", disable=not (main_process and show_progress), dynamic_ncols=True
+        )
         cleanup.callback(progress.close)
         window_start, window_steps = time.perf_counter(), 0
         nonfinite_run, skipped_steps, reason = 0, 0, "done"
@@ -275,8 +280,11 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
             if preemption.reached(step) and step < total:
                 checkpointer.save(step, state, _data_state(iterator), cfg, force=True)
                 reason = "preempted"
-                log.warning("preemption notice (SIGTERM): saved a checkpoint at step %d in %s; exiting",
-                            step, checkpointer.directory)
+                log.warning(
+                    "preemption notice (SIGTERM): saved a checkpoint at step %d in %s; exiting",
+                    step,
+                    checkpointer.directory,
+                )
                 break
             if step < total:
                 batch = parallel.global_batch(next(iterator), mesh)

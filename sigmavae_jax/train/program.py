@@ -14,10 +14,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sigmavae_jax import kernels, parallel
-from sigmavae_jax.models.params import DTYPES
 from sigmavae_jax.config import Config
 from sigmavae_jax.models.lpips import LPIPS, load_lpips, lpips_weight_shapes
-from sigmavae_jax.train.state import TrainStructure, TrainState, build_structure, state_shapes, state_shardings
+from sigmavae_jax.models.params import DTYPES
+from sigmavae_jax.train.state import TrainState, TrainStructure, build_structure, state_shapes, state_shardings
 from sigmavae_jax.train.step import compile_train_step, make_train_step
 
 
@@ -41,7 +41,9 @@ class TrainProgram:
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings, without memory."""
         shapes = state_shapes(self.cfg, self.modules)
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.state_shardings)
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.state_shardings
+        )
 
     def abstract_batch(self) -> jax.ShapeDtypeStruct:
         """The global image batch, (train.batch_size, S, S, 3) float32 split over the mesh."""
@@ -79,4 +81,6 @@ def build_program(cfg: Config, mesh: Mesh, *, abstract: bool = False) -> TrainPr
         lpips_graph, lpips_vars = nnx.split(lpips)
     shardings = state_shardings(cfg, modules, mesh)
     step = compile_train_step(make_train_step(cfg, modules, lpips_graph), shardings, mesh, lpips_vars)
-    return TrainProgram(cfg=cfg, mesh=mesh, modules=modules, step=step, state_shardings=shardings, lpips_vars=lpips_vars)
+    return TrainProgram(
+        cfg=cfg, mesh=mesh, modules=modules, step=step, state_shardings=shardings, lpips_vars=lpips_vars
+    )

@@ -11,15 +11,14 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-
 from jax.sharding import Mesh
 
 from sigmavae_jax import parallel
-from sigmavae_jax.models.params import DTYPES, flatten_params, unflatten_params
 from sigmavae_jax.config import Config, OptimConfig
 from sigmavae_jax.kernels import XLA, Kernels
 from sigmavae_jax.models.autoencoder import AutoencoderKL
 from sigmavae_jax.models.discriminator import NLayerDiscriminator
+from sigmavae_jax.models.params import DTYPES, flatten_params, unflatten_params
 
 TRAINED, FROZEN = "trained", "frozen"
 
@@ -69,7 +68,13 @@ def adam(cfg: OptimConfig, lr: float, total_steps: int) -> optax.GradientTransfo
     """Adam(W) with the config's betas, schedule and optional global-norm clipping."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
     parts.append(
-        optax.adamw(learning_rate_schedule(cfg, lr, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        optax.adamw(
+            learning_rate_schedule(cfg, lr, total_steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
     )
     return optax.chain(*parts)
 
@@ -111,7 +116,9 @@ def build_structure(cfg: Config, kernels: Kernels = XLA) -> TrainStructure:
         lambda: AutoencoderKL(cfg.model, rngs=nnx.Rngs(0), dtype=dtype, remat=cfg.train.remat, kernels=kernels)
     )
     disc = nnx.eval_shape(
-        lambda: NLayerDiscriminator(cfg.discriminator, in_channels=cfg.model.out_channels, rngs=nnx.Rngs(0), dtype=dtype)
+        lambda: NLayerDiscriminator(
+            cfg.discriminator, in_channels=cfg.model.out_channels, rngs=nnx.Rngs(0), dtype=dtype
+        )
     )
     vae_graph, vae_params = nnx.split(vae)
     disc_graph = nnx.graphdef(disc)
@@ -127,7 +134,9 @@ def build_structure(cfg: Config, kernels: Kernels = XLA) -> TrainStructure:
     )
 
 
-def init_state(cfg: Config, modules: TrainStructure, key: jax.Array, vae_params: dict[str, Any] | None = None) -> TrainState:
+def init_state(
+    cfg: Config, modules: TrainStructure, key: jax.Array, vae_params: dict[str, Any] | None = None
+) -> TrainState:
     """A fresh TrainState; `vae_params` (e.g. converted weights) replaces the random VAE init.
     Pure: jit it with out_shardings so the state is born sharded."""
     vae_key, disc_key, rng = jax.random.split(key, 3)

@@ -20,10 +20,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sigmavae_jax import losses, parallel
-from sigmavae_jax.models.params import flatten_params, unflatten_params
 from sigmavae_jax.config import Config
 from sigmavae_jax.models import layers
-from sigmavae_jax.train.state import TrainStructure, TrainState
+from sigmavae_jax.models.params import flatten_params, unflatten_params
+from sigmavae_jax.train.state import TrainState, TrainStructure
 
 StepFn = Callable[[TrainState, jax.Array, Any], tuple[TrainState, dict[str, jax.Array]]]
 
@@ -126,7 +126,9 @@ def make_train_step(cfg: Config, modules: TrainStructure, lpips_graph: Any = Non
             def without_gan():
                 return zero, jnp.zeros_like(x_hat), zero, zero, zero
 
-            g_loss, ct_g, d_weight, nll_grad_norm, g_grad_norm = modules.kernels.cond(disc_active, with_gan, without_gan)
+            g_loss, ct_g, d_weight, nll_grad_norm, g_grad_norm = modules.kernels.cond(
+                disc_active, with_gan, without_gan
+            )
             ct_x_hat = ct_nll + (d_weight * disc_factor) * ct_g
         else:
             g_loss = d_weight = disc_factor = nll_grad_norm = g_grad_norm = zero
@@ -174,11 +176,18 @@ def make_train_step(cfg: Config, modules: TrainStructure, lpips_graph: Any = Non
                 zeros = jax.tree.map(jnp.zeros_like, state.disc_params)
                 return (zero, (state.disc_stats, zero, zero)), zeros
 
-            (d_loss, (disc_stats, real_mean, fake_mean)), d_grads = modules.kernels.cond(disc_active, disc_grads, no_disc_grads)
+            (d_loss, (disc_stats, real_mean, fake_mean)), d_grads = modules.kernels.cond(
+                disc_active, disc_grads, no_disc_grads
+            )
             d_updates, disc_opt_state = modules.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
             disc_params = optax.apply_updates(state.disc_params, d_updates)
             metrics.update(
-                {"loss/disc": d_loss, "logits/real": real_mean, "logits/fake": fake_mean, "disc_grad_norm": optax.tree.norm(d_grads)}
+                {
+                    "loss/disc": d_loss,
+                    "logits/real": real_mean,
+                    "logits/fake": fake_mean,
+                    "disc_grad_norm": optax.tree.norm(d_grads),
+                }
             )
 
         ema = state.ema
@@ -197,8 +206,13 @@ def make_train_step(cfg: Config, modules: TrainStructure, lpips_graph: Any = Non
         )
         metrics["skipped"] = (~finite).astype(jnp.int32)
         new_state = state.replace(
-            step=step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
-            disc_stats=disc_stats, disc_opt_state=disc_opt_state, ema=ema,
+            step=step + 1,
+            params=params,
+            opt_state=opt_state,
+            disc_params=disc_params,
+            disc_stats=disc_stats,
+            disc_opt_state=disc_opt_state,
+            ema=ema,
         )
         return new_state, metrics
 
