@@ -333,3 +333,15 @@ def test_remat_settings_give_the_same_gradients_and_keep_less():
         for got, want in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads[False])):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     assert kept[True] < kept["convs"] < kept[False]
+
+
+def test_remat_units_join_resamplers_to_the_block_on_their_small_side():
+    """A recomputed unit is one block with the steps that lead into it (an Upsample, conv_in)
+    and those that trail it (a Downsample, the output head), so each unit's kept input is the
+    smaller side of every resampler."""
+    from sigmavae_jax.models.autoencoder import remat_units
+
+    kinds = ["lead", "block", "block", "tail", "block", "lead", "block", "block", "tail", "tail"]
+    steps = [(None, index, kind) for index, kind in enumerate(kinds)]
+    units = [[index for _, index, _ in unit] for unit in remat_units(steps)]
+    assert units == [[0, 1], [2, 3], [4], [5, 6], [7, 8, 9]]
