@@ -82,33 +82,23 @@ def test_reference_statistics_are_cached_and_checked(setup, tmp_path):
     root, export, cfg = setup
     codec = sigmavae_jax.load(export)
     stats = tmp_path / "reference.npz"
-    first = evaluate(
-        codec,
-        cfg,
-        EvalSettings(batch_size=8, size=SIZE),
-        inception=ToyFeatures(),
-        reference_stats=stats,
-        progress=False,
-    )
-    assert stats.exists()
-    again = evaluate(
-        codec,
-        cfg,
-        EvalSettings(batch_size=8, size=SIZE),
-        inception=ToyFeatures(),
-        reference_stats=stats,
-        progress=False,
-    )
-    assert again["rfid"] == pytest.approx(first["rfid"], rel=1e-9)
-    with pytest.raises(ValueError, match="over 11 images"):
-        evaluate(
+
+    def run(**settings):
+        return evaluate(
             codec,
             cfg,
-            EvalSettings(batch_size=8, size=SIZE, num_images=5),
+            EvalSettings(batch_size=8, size=SIZE, **settings),
             inception=ToyFeatures(),
             reference_stats=stats,
             progress=False,
         )
+
+    first = run()
+    assert stats.exists()
+    again = run()
+    assert again["rfid"] == pytest.approx(first["rfid"], rel=1e-9)
+    with pytest.raises(ValueError, match="over 11 images"):
+        run(num_images=5)
 
 
 def test_eval_cli_prints_a_table_row(setup, tmp_path):
