@@ -8,11 +8,12 @@ programs' own analyses, the roofline-bound images/s and the largest batch per ch
   diffusers 0.39's FlaxAutoencoderKL, the only other Flax AutoencoderKL, compiled the same
   way. The peer is installed into bench/.peer (pip --target), not into our environment.
 
-A full-size compile takes 4-7 minutes on 2 cores (11-14 when two run side by side), so the
-largest batch is predicted from the per-image slope of the HBM total between two batch sizes;
-the ns1 memory setting's prediction is confirmed by one more compile. The nine compiles take
-about 50 minutes on 2 cores; --only runs a part.
-Each compile runs in its own process, two at a time (--jobs). Ends with one JSON line.
+A full-size compile takes 4-8 minutes on one core, so the largest batch is predicted from the
+per-image slope of the HBM total between two batch sizes (8 and 16 per chip; 8 and 32 for the
+ns1 memory setting, whose memory per image falls as batches grow) and, for the ns1 memory
+setting, confirmed by one more compile. Nine compiles, each in its own process, two at a time
+(--jobs); docs/performance.md has the run's time on 2 cores. --only runs a part. Ends with one
+JSON line.
 
     python bench/tpu_dry_run.py [--topology v5litepod-4 v5litepod-16] [--jobs 2]
 """
@@ -33,12 +34,14 @@ PEER_DIR = ROOT / "bench" / ".peer"
 PEER = "diffusers==0.39.0"
 SIZE = 256
 BATCHES = (8, 16)  # per chip: the reported batch, and the second point of the memory slope
+# The confirmed slope's second point: further out, so that one confirming compile suffices.
+CONFIRMED_BATCHES = (8, 32)
 MARGIN = 0.985  # of the datasheet HBM: the compiler keeps a little for itself (15.75 of 16 GiB on v5e)
 
 # name -> (what it compiles, config overrides, how its largest batch is found: "confirmed" from
-# the slope and one more compile, "predicted" from the slope alone, or None: not at all). Nine
-# compiles in all: the headline figure (ns1 with the memory setting) is confirmed, the VAE
-# comparison's are predicted.
+# the slope through CONFIRMED_BATCHES and one more compile, "predicted" from the slope through
+# BATCHES alone, or None: not at all). Nine compiles in all: the headline figure (ns1 with the
+# memory setting) is confirmed, the VAE comparison's are predicted.
 MEASUREMENTS = {
     "ns1_remat": ("step", ["train.remat=REMAT"], "confirmed"),
     "ns1": ("step", [], None),
@@ -243,29 +246,20 @@ def main() -> None:
     largest: dict[tuple[str, str], int] = {}
 
     def confirm(key) -> None:
-        """Compile at the predicted batch; step down while it does not fit. When it fits, the
-        line through the first and the confirmed point predicts again (memory per image falls a
-        little as batches grow), and a larger prediction is compiled once more."""
+        """Compile at the predicted batch; step down while it does not fit."""
         guess = predicted_largest(figures[key])
         result = run_one(*key, guess)
         while not result["fits"] and guess > 1:
             guess = max(1, guess - max(1, guess // 16))
             result = run_one(*key, guess)
         figures[key][guess], largest[key] = result, guess
-        if result["fits"]:
-            refined = predicted_largest({b: figures[key][b] for b in (BATCHES[0], guess)})
-            if refined > guess:
-                again = run_one(*key, refined)
-                figures[key][refined] = again
-                if again["fits"]:
-                    largest[key] = refined
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         plan = [
             (name, topo, b)
             for topo in args.topology
             for name in args.only
-            for b in (BATCHES if MEASUREMENTS[name][2] else BATCHES[:1])
+            for b in {"confirmed": CONFIRMED_BATCHES, "predicted": BATCHES, None: BATCHES[:1]}[MEASUREMENTS[name][2]]
         ]
         # the slopes that need confirming first, so that their confirming compile overlaps the rest
         first = [item for item in plan if MEASUREMENTS[item[0]][2] == "confirmed"]
