@@ -34,13 +34,14 @@ PEER_DIR = ROOT / "bench" / ".peer"
 PEER = "diffusers==0.39.0"
 SIZE = 256
 BATCHES = (8, 16)  # per chip: the reported batch, and the second point of the memory slope
-# The confirmed slope's second point: further out, so that one confirming compile suffices.
-CONFIRMED_BATCHES = (8, 32)
+# The batches compiled by how a measurement finds its largest batch (MEASUREMENTS): a confirmed
+# slope's second point lies further out, so that one confirming compile suffices.
+SLOPE_BATCHES = {"confirmed": (BATCHES[0], 32), "predicted": BATCHES, None: BATCHES[:1]}
 MARGIN = 0.985  # of the datasheet HBM: the compiler keeps a little for itself (15.75 of 16 GiB on v5e)
 
 # name -> (what it compiles, config overrides, how its largest batch is found: "confirmed" from
-# the slope through CONFIRMED_BATCHES and one more compile, "predicted" from the slope through
-# BATCHES alone, or None: not at all). Nine compiles in all: the headline figure (ns1 with the
+# the slope through SLOPE_BATCHES["confirmed"] and one more compile, "predicted" from the slope
+# through BATCHES alone, or None: not at all). Nine compiles in all: the headline figure (ns1 with the
 # memory setting) is confirmed, the VAE comparison's are predicted.
 MEASUREMENTS = {
     "ns1_remat": ("step", ["train.remat=REMAT"], "confirmed"),
@@ -259,7 +260,7 @@ def main() -> None:
             (name, topo, b)
             for topo in args.topology
             for name in args.only
-            for b in {"confirmed": CONFIRMED_BATCHES, "predicted": BATCHES, None: BATCHES[:1]}[MEASUREMENTS[name][2]]
+            for b in SLOPE_BATCHES[MEASUREMENTS[name][2]]
         ]
         # the slopes that need confirming first, so that their confirming compile overlaps the rest
         first = [item for item in plan if MEASUREMENTS[item[0]][2] == "confirmed"]
