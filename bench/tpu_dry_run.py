@@ -3,19 +3,20 @@
 programs' own analyses, the roofline-bound images/s and the largest batch per chip.
 
 - ns1: the NextStep-1 fine-tune step (configs/nextstep1_f8c16.yaml), default settings and the
-  memory setting (train.remat=true, or --remat convs).
+  memory setting (train.remat=blocks: the most memory saved within 15% more FLOPs; --ns1-remat).
 - vae: the SD-config VAE forward and backward (L1 + 1e-6 KL on a posterior sample) against
   diffusers 0.39's FlaxAutoencoderKL, the only other Flax AutoencoderKL, compiled the same
-  way. The peer is installed into bench/.peer (pip --target), not into our environment.
+  way, ours also with its memory setting (train.remat=true: the largest batch; --vae-remat).
+  The peer is installed into bench/.peer (pip --target), not into our environment.
 
 A full-size compile takes 4-8 minutes on one core, so the largest batch is predicted from the
 per-image slope of the HBM total between two batch sizes (8 and 16 per chip; 8 and 32 for the
 ns1 memory setting, whose memory per image falls as batches grow) and, for the ns1 memory
-setting, confirmed by one more compile. Nine compiles, each in its own process, two at a time
+setting, confirmed by one more compile. Ten compiles, each in its own process, two at a time
 (--jobs); docs/performance.md has the run's time on 2 cores. --only runs a part. Ends with one
 JSON line.
 
-    python bench/tpu_dry_run.py [--topology v5litepod-4 v5litepod-16] [--jobs 2]
+    python bench/tpu_dry_run.py [--topology v5litepod-4 v5litepod-16] [--jobs 2] [--ns1-remat true]
 """
 
 from __future__ import annotations
@@ -41,15 +42,26 @@ MARGIN = 0.985  # of the datasheet HBM: the compiler keeps a little for itself (
 
 # name -> (what it compiles, config overrides, how its largest batch is found: "confirmed" from
 # the slope through SLOPE_BATCHES["confirmed"] and one more compile, "predicted" from the slope
-# through BATCHES alone, or None: not at all). Nine compiles in all: the headline figure (ns1 with the
-# memory setting) is confirmed, the VAE comparison's are predicted.
+# through BATCHES alone, or None: not at all). Ten compiles in all: the headline figure (ns1 with the
+# memory setting) is confirmed, the others are predicted. {ns1_remat} and {vae_remat} are the
+# memory settings (REMAT_SETTINGS, or the command line's).
 MEASUREMENTS = {
-    "ns1_remat": ("step", ["train.remat=REMAT"], "confirmed"),
-    "ns1": ("step", [], None),
+    "ns1_remat": ("step", ["train.remat={ns1_remat}"], "confirmed"),
+    "ns1": ("step", [], "predicted"),
     "peer": ("peer", [], "predicted"),
-    "vae_remat": ("vae", ["train.remat=REMAT"], "predicted"),
+    "vae_remat": ("vae", ["train.remat={vae_remat}"], "predicted"),
     "vae": ("vae", [], None),
 }
+# The memory settings: for ns1 the one that saves the most within issue 12's 15% more FLOPs, for
+# the VAE the one with the largest batch (its comparison has no FLOPs limit).
+REMAT_SETTINGS = {"ns1_remat": "blocks", "vae_remat": "true"}
+REMAT_CHOICES = ("true", "blocks", "convs")
+
+
+def remat_settings() -> dict[str, str]:
+    """The memory settings of this run: REMAT_SETTINGS, overridden by SIGMAVAE_BENCH_<NAME>
+    (which main sets from the command line for the compiling processes)."""
+    return {name: os.environ.get(f"SIGMAVAE_BENCH_{name.upper()}", value) for name, value in REMAT_SETTINGS.items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -136,7 +148,7 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
     from sigmavae_jax.kernels import select
 
     kind, overrides, _ = MEASUREMENTS[name]
-    overrides = [item.replace("REMAT", os.environ.get("SIGMAVAE_BENCH_REMAT", "true")) for item in overrides]
+    overrides = [item.format(**remat_settings()) for item in overrides]
     tpu_slice = topology.parse_slice(topology_name)
     if kind == "step":
         cfg = load_config(
@@ -227,19 +239,22 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=2, help="compiles at a time (each its own process)")
     parser.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), default=list(MEASUREMENTS))
-    parser.add_argument(
-        "--remat",
-        default="true",
-        choices=("true", "convs"),
-        help="the memory setting measured against the defaults (train.remat)",
-    )
+    for name, value in REMAT_SETTINGS.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            default=value,
+            choices=REMAT_CHOICES,
+            help=f"train.remat of {name} (default: {value})",
+        )
     parser.add_argument("--one", nargs=3, metavar=("NAME", "TOPOLOGY", "PER_CHIP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         name, topology_name, per_chip = args.one
         print(json.dumps(measure_one(name, topology_name, int(per_chip))))
         return
-    os.environ["SIGMAVAE_BENCH_REMAT"] = args.remat
+    for name in REMAT_SETTINGS:
+        os.environ[f"SIGMAVAE_BENCH_{name.upper()}"] = getattr(args, name)
+    settings = remat_settings()
     if "peer" in args.only:
         ensure_peer()
     start = time.perf_counter()
@@ -280,7 +295,7 @@ def main() -> None:
     summary = {}
     for topo in args.topology:
         print(
-            f"| {topo}, train.remat={args.remat} for *_remat | HBM at {BATCHES[0]}/chip | largest batch/chip "
+            f"| {topo} | HBM at {BATCHES[0]}/chip | largest batch/chip "
             "| TFLOP/image | GB/image | roofline images/s/chip |"
         )
         print("|---|---|---|---|---|---|")
@@ -289,8 +304,9 @@ def main() -> None:
             rate = at["roofline_images_per_s_per_chip"]
             found = MEASUREMENTS[name][2]
             batch = f"{largest[(name, topo)]} ({found})" if found else "-"
+            label = f"{name} (train.remat={settings[name]})" if name in settings else name
             print(
-                f"| {name} | {at['hbm_total'] / 2**30:.2f} GiB | {batch} | {at['flops_per_image'] / 1e12:.3f} "
+                f"| {label} | {at['hbm_total'] / 2**30:.2f} GiB | {batch} | {at['flops_per_image'] / 1e12:.3f} "
                 f"| {at['bytes_per_image'] / 1e9:.2f} | {rate:.1f} ({at['bound']}) |"
             )
         print()
@@ -302,6 +318,7 @@ def main() -> None:
     if {"ns1", "ns1_remat"} <= set(args.only):
         summary.update(
             ns1_v5e_max_batch_per_chip=largest[("ns1_remat", topo)],
+            ns1_v5e_default_max_batch_per_chip=largest[("ns1", topo)],
             ns1_v5e_memory_setting_extra_flops=at8("ns1_remat", "flops_per_image") / at8("ns1", "flops_per_image") - 1,
             ns1_v5e_roofline_images_per_s_per_chip=at8("ns1", "roofline_images_per_s_per_chip"),
             ns1_v5e_bytes_per_image=at8("ns1", "bytes_per_image"),
@@ -315,7 +332,8 @@ def main() -> None:
             vae_max_batch_vs_peer=largest[("vae_remat", topo)] / largest[("peer", topo)],
             vae_memory_setting_extra_flops=at8("vae_remat", "flops_per_image") / at8("vae", "flops_per_image") - 1,
         )
-    print(json.dumps({"topology": topo, "memory_setting": f"train.remat={args.remat}", **summary}))
+    memory_settings = {name: f"train.remat={value}" for name, value in settings.items()}
+    print(json.dumps({"topology": topo, "memory_settings": memory_settings, **summary}))
 
 
 if __name__ == "__main__":

@@ -151,8 +151,11 @@ class TrainConfig(_Strict):
     # What the autoencoder keeps for the backward pass: false, everything; true, the input of
     # each recomputed unit only (a ResnetBlock or attention block with the Upsample or conv_in
     # before it and the Downsample or output norm after it: least memory, ~20% more FLOPs);
-    # "convs", those inputs and the convolutions' outputs (GroupNorm and SiLU are recomputed).
-    remat: bool | Literal["convs"] = False
+    # "blocks", the input of each resolution level's ResnetBlock and everything else (the
+    # resamplers, conv_in and the latent-resolution blocks are not recomputed: ~12% more FLOPs);
+    # "convs", the units' inputs and the convolutions' outputs (GroupNorm and SiLU recomputed).
+    # Any of them also recomputes LPIPS's VGG stages and heads (~1% more FLOPs).
+    remat: bool | Literal["convs", "blocks"] = False
     # How convolutions and the GAN's branches are computed (sigmavae_jax.kernels): "auto" picks
     # "cpu" when the mesh's devices are CPUs and "xla" otherwise (TPU, GPU); same maths either way.
     kernels: Literal["auto", "xla", "cpu"] = "auto"

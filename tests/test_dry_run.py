@@ -166,7 +166,13 @@ def test_a_step_that_does_not_fit_exits_non_zero_and_says_what_to_change(capsys)
     figures = json.loads(captured.out.strip().splitlines()[-1])
     assert not figures["fits"] and figures["hbm_total"] > figures["hbm_capacity"]
     assert "does not fit" in captured.out
-    for hint in ("train.batch_size", "--find-batch", "train.remat=true", "train.compute_dtype=bfloat16"):
+    for hint in (
+        "train.batch_size",
+        "--find-batch",
+        "train.remat=blocks",
+        "train.remat=true",
+        "train.compute_dtype=bfloat16",
+    ):
         assert hint in captured.err
 
 

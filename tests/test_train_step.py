@@ -281,6 +281,30 @@ def test_bfloat16_step_stays_finite_and_learns():
     assert history[-1]["loss/pixel"] < history[0]["loss/pixel"]
 
 
+def test_memory_setting_step_equals_the_plain_step():
+    """train.remat=blocks (the levels' blocks and LPIPS recomputed in the backward pass) takes
+    the same step as no remat: the same losses, gradient norm and updated parameters (Adam's
+    eps far above the gradients makes the update linear in them, not their signs)."""
+    x = images((BATCH, SIZE, SIZE, 3), seed=7)
+    mesh = single_device_mesh()
+    results = {}
+    with jax.default_matmul_precision("highest"):
+        for remat in ("false", "blocks"):
+            cfg = tiny_config(f"train.remat={remat}", "train.kernels=xla", "optim.eps=1.0", "optim.lr=1.0")
+            results[remat] = run(cfg, mesh, [x])
+    (plain_state, [plain]), (state, [metrics]) = results["false"], results["blocks"]
+    assert float(plain["loss/lpips"]) > 0
+    for key in ("loss/pixel", "loss/lpips", "loss/rec", "grad_norm"):
+        np.testing.assert_allclose(metrics[key], plain[key], rtol=1e-5)
+    initial = setup(cfg, mesh)[0].params
+    moved = max(
+        float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(plain_state.params), jax.tree.leaves(initial))
+    )
+    assert moved > 1e-2  # the step moved the parameters far more than the tolerance below
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain_state.params)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-4)
+
+
 def test_non_finite_batch_is_skipped_and_changes_nothing():
     cfg = tiny_config("loss.perceptual_weight=0", "loss.disc_start=0", "loss.adaptive_gan_weight=false")
     mesh = single_device_mesh()
@@ -313,13 +337,14 @@ def test_cpu_mesh_step_is_the_cpu_program(setting, conditionals, cpu_kernels):
 
 def test_remat_settings_give_the_same_gradients_and_keep_less():
     """train.remat: False keeps every activation, "convs" the blocks' inputs and conv outputs,
-    True the blocks' inputs only; the gradients are the same (XLA kernels, as on a TPU)."""
+    True the blocks' inputs only, "blocks" everything but the levels' ResnetBlocks' insides;
+    the gradients are the same (XLA kernels, as on a TPU)."""
     from sigmavae_jax.models.autoencoder import AutoencoderKL
 
     model_cfg = tiny_config().model
     x = jnp.asarray(images((1, 16, 16, 3), seed=4))
     grads, kept = {}, {}
-    for remat in (False, "convs", True):
+    for remat in (False, "convs", True, "blocks"):
         graph, params = nnx.split(AutoencoderKL(model_cfg, rngs=nnx.Rngs(0), remat=remat, kernels=kernels.XLA))
 
         def loss(params):
@@ -329,19 +354,24 @@ def test_remat_settings_give_the_same_gradients_and_keep_less():
             pullback = jax.jit(lambda p: jax.vjp(loss, p)[1])(params)  # a pytree: its leaves are what is kept
             grads[remat] = jax.jit(lambda pullback: pullback(jnp.ones(()))[0])(pullback)
         kept[remat] = sum(leaf.size for leaf in jax.tree.leaves(pullback))
-    for remat in ("convs", True):
+    for remat in ("convs", True, "blocks"):
         for got, want in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads[False])):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     assert kept[True] < kept["convs"] < kept[False]
+    assert kept[True] < kept["blocks"] < kept[False]
 
 
 def test_remat_units_join_resamplers_to_the_block_on_their_small_side():
     """A recomputed unit is one block with the steps that lead into it (an Upsample, conv_in)
     and those that trail it (a Downsample, the output head), so each unit's kept input is the
-    smaller side of every resampler."""
-    from sigmavae_jax.models.autoencoder import remat_units
+    smaller side of every resampler; remat="blocks" recomputes the levels' blocks alone."""
+    from sigmavae_jax.models.autoencoder import remat_plan, remat_units
 
-    kinds = ["lead", "block", "block", "tail", "block", "lead", "block", "block", "tail", "tail"]
+    kinds = ["lead", "block", "block", "tail", "mid", "lead", "block", "mid", "tail", "tail"]
     steps = [(None, index, kind) for index, kind in enumerate(kinds)]
     units = [[index for _, index, _ in unit] for unit in remat_units(steps)]
     assert units == [[0, 1], [2, 3], [4], [5, 6], [7, 8, 9]]
+    # "blocks": only the levels' ResnetBlocks, each alone; the rest runs as it is
+    recomputed = [[index for _, index, _ in run] for flag, run in remat_plan(steps, "blocks") if flag]
+    assert recomputed == [[1], [2], [6]]
+    assert [len(run) for _, run in remat_plan(steps, "blocks")] == [1] * len(steps)

@@ -25,14 +25,20 @@ from sigmavae_jax.models.layers import (
     conv,
 )
 
-Remat = bool | str  # False | True | "convs" (see config.TrainConfig.remat)
+Remat = bool | str  # False | True | "convs" | "blocks" (see config.TrainConfig.remat)
 # What a recomputed unit saves for its backward pass, besides its input.
-REMAT_POLICIES = {True: jax.checkpoint_policies.nothing_saveable, "convs": jax.checkpoint_policies.dots_saveable}
+REMAT_POLICIES = {
+    True: jax.checkpoint_policies.nothing_saveable,
+    "convs": jax.checkpoint_policies.dots_saveable,
+    "blocks": jax.checkpoint_policies.nothing_saveable,
+}
+BLOCK_KINDS = ("block", "mid")
 
 # A step of a forward pass: (fn, module, kind); fn(module, x) -> x. kind says where a recomputed
-# unit may end: "block" (a ResnetBlock or AttnBlock), "lead" (a step whose output is bigger than
-# its input, an Upsample or conv_in: it joins the block after it), "tail" (a step whose output
-# is no bigger, a Downsample or the output head: it joins the block before it).
+# unit may end: "block" (a level's ResnetBlock), "mid" (a block or attention at the latent
+# resolution), "lead" (a step whose output is bigger than its input, an Upsample or conv_in: it
+# joins the block after it), "tail" (a step whose output is no bigger, a Downsample or the output
+# head: it joins the block before it).
 Step = tuple[Callable[[Any, jax.Array], jax.Array], nnx.Module, str]
 
 
@@ -44,13 +50,9 @@ def _norm_silu(norm: nnx.Module, x: jax.Array) -> jax.Array:
     return nnx.silu(norm(x))
 
 
-def block_step(module: nnx.Module) -> Step:
-    return (_call, module, "block")
-
-
 def check_remat(remat: Remat) -> None:
     if remat and remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={remat!r} unknown; use False, True or 'convs'")
+        raise ValueError(f"remat={remat!r} unknown; use False, True, 'convs' or 'blocks'")
 
 
 def remat_units(steps: list[Step]) -> list[list[Step]]:
@@ -60,7 +62,7 @@ def remat_units(steps: list[Step]) -> list[list[Step]]:
     units: list[list[Step]] = []
     for step in steps:
         kind = step[2]
-        if not units or (kind != "tail" and any(other[2] == "block" for other in units[-1])):
+        if not units or (kind != "tail" and any(other[2] in BLOCK_KINDS for other in units[-1])):
             units.append([])
         units[-1].append(step)
     return units
@@ -72,14 +74,26 @@ def _run_unit(fns: tuple[Callable, ...], modules: tuple[nnx.Module, ...], x: jax
     return x
 
 
-def run_steps(steps: list[Step], x: jax.Array, remat: Remat = False) -> jax.Array:
-    """The steps in order; with `remat`, in `remat_units` recomputed in the backward pass
-    (keeping, besides each unit's input, what REMAT_POLICIES[remat] saves)."""
+def remat_plan(steps: list[Step], remat: Remat) -> list[tuple[bool, list[Step]]]:
+    """`steps` as consecutive runs, each with whether the backward pass recomputes it: with
+    False none is; with "blocks" each level's ResnetBlock alone is (the resamplers, conv_in,
+    the heads and the blocks at the latent resolution keep their activations: they cost the
+    most FLOPs per byte kept); otherwise every run is a `remat_units` unit."""
     if not remat:
-        return _run_unit(tuple(s[0] for s in steps), tuple(s[1] for s in steps), x)
-    for unit in remat_units(steps):
-        fns, modules = tuple(s[0] for s in unit), tuple(s[1] for s in unit)
-        x = nnx.remat(functools.partial(_run_unit, fns), policy=REMAT_POLICIES[remat])(modules, x)
+        return [(False, steps)]
+    if remat == "blocks":
+        return [(step[2] == "block", [step]) for step in steps]
+    return [(True, unit) for unit in remat_units(steps)]
+
+
+def run_steps(steps: list[Step], x: jax.Array, remat: Remat = False) -> jax.Array:
+    """The steps in order; the runs `remat_plan` marks are recomputed in the backward pass
+    (keeping, besides each run's input, what REMAT_POLICIES[remat] saves)."""
+    for recompute, run in remat_plan(steps, remat):
+        fn = functools.partial(_run_unit, tuple(s[0] for s in run))
+        if recompute:
+            fn = nnx.remat(fn, policy=REMAT_POLICIES[remat])
+        x = fn(tuple(s[1] for s in run), x)
     return x
 
 
@@ -93,7 +107,7 @@ class MidBlock(nnx.Module):
 
     def steps(self) -> list[Step]:
         """Its blocks as steps of a forward pass (see `run_steps`)."""
-        return [block_step(m) for m in (self.block_1, self.attn_1, self.block_2) if m is not None]
+        return [(_call, m, "mid") for m in (self.block_1, self.attn_1, self.block_2) if m is not None]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return run_steps(self.steps(), x)
@@ -109,7 +123,7 @@ class Level(nnx.Module):
 
     def steps(self) -> list[Step]:
         """Its blocks and resampler as steps of a forward pass (see `run_steps`)."""
-        steps = [block_step(block) for block in self.block]
+        steps: list[Step] = [(_call, block, "block") for block in self.block]
         if self.downsample is not None:
             steps.append((_call, self.downsample, "tail"))
         if self.upsample is not None:
@@ -223,8 +237,8 @@ class AutoencoderKL(nnx.Module):
     """The LDM KL autoencoder with the posterior, latent norm and Sigma-VAE noise of `cfg`.
 
     Images are NHWC floats in [-1, 1]; latents are NHWC and unscaled (see `scale`).
-    `dtype` is the compute dtype (parameters stay float32); `remat` (True, or "convs" to keep
-    the conv outputs) recomputes activations in the backward pass in units (`remat_units`) to
+    `dtype` is the compute dtype (parameters stay float32); `remat` (True, "convs" to keep the
+    conv outputs, or "blocks") recomputes activations in the backward pass (`remat_plan`) to
     save memory at high resolution; `kernels` computes
     the convolutions (`sigmavae_jax.kernels`; the same parameters and maths either way).
     """

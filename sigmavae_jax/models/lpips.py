@@ -32,7 +32,7 @@ import importlib.util
 import os
 import pathlib
 import pickle
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -183,6 +183,23 @@ def normalize_channels(x: jax.Array) -> jax.Array:
     return x / (norm + NORMALIZE_EPS)
 
 
+def _recomputed(fn: Callable[..., jax.Array], modules: Any, *args: jax.Array) -> jax.Array:
+    """fn(modules, *args), recomputed in the backward pass (only `args` are kept). The modules'
+    frozen variables enter as arrays, so it works under any transform (nnx.remat would write
+    them back, which fails for an LPIPS built outside the transform)."""
+    graph, state = nnx.split(modules)
+    return jax.checkpoint(lambda state, *args: fn(nnx.merge(graph, state), *args))(state, *args)
+
+
+def _vgg_stage(pool: bool, convs: tuple[FrozenConv, ...], x: jax.Array) -> jax.Array:
+    """One VGG16 stage: an optional 2x2 max pool, then conv + ReLU per conv."""
+    if pool:
+        x = max_pool_2x2(x)
+    for conv in convs:
+        x = jax.nn.relu(conv(x))
+    return x
+
+
 class VGG16Features(nnx.Module):
     """VGG16's conv trunk (`torchvision.models.vgg16().features` up to relu5_3)."""
 
@@ -196,17 +213,26 @@ class VGG16Features(nnx.Module):
             )
             setattr(self, f"conv{i}", conv)
 
-    def __call__(self, x: jax.Array) -> list[jax.Array]:
-        """(B, H, W, 3) -> the five stage outputs, (B, H / 2^s, W / 2^s, C_s) for s = 0..4."""
-        features, i = [], 0
-        for s, stage in enumerate(VGG16_STAGES):
-            if s > 0:
-                x = max_pool_2x2(x)
-            for _ in stage:
-                x = jax.nn.relu(getattr(self, f"conv{i}")(x))
-                i += 1
+    def __call__(self, x: jax.Array, *, remat: bool = False) -> list[jax.Array]:
+        """(B, H, W, 3) -> the five stage outputs, (B, H / 2^s, W / 2^s, C_s) for s = 0..4.
+        remat: the backward pass keeps only each stage's input and recomputes the rest."""
+        features, first = [], 0
+        for s, widths in enumerate(VGG16_STAGES):
+            convs = tuple(getattr(self, f"conv{i}") for i in range(first, first + len(widths)))
+            first += len(widths)
+            stage = functools.partial(_vgg_stage, s > 0)
+            x = _recomputed(stage, convs, x) if remat else stage(convs, x)
             features.append(x)
         return features
+
+
+def _head_distance(lin: FrozenConv, f0: jax.Array, f1: jax.Array) -> jax.Array:
+    """One layer's term: the lin-weighted squared difference of the unit-normalised feature
+    vectors, averaged over space, (B, h, w, C) x 2 -> (B,) float32."""
+    f0 = normalize_channels(f0.astype(jnp.float32))
+    f1 = normalize_channels(f1.astype(jnp.float32))
+    weighted = lin(jnp.square(f0 - f1))  # (B, h, w, 1)
+    return jnp.mean(weighted, axis=(1, 2, 3))
 
 
 class LPIPS(nnx.Module):
@@ -240,12 +266,15 @@ class LPIPS(nnx.Module):
             head = FrozenConv(kernel, None, dtype=jnp.float32, precision=precision)
             setattr(self, f"lin{k}", head)
 
-    def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
+    def __call__(self, x0: jax.Array, x1: jax.Array, *, remat: bool = False) -> jax.Array:
         """Distance per image pair.
 
         Args:
           x0, x1: (B, H, W, 3) float images in [-1, 1] (a reconstruction needs no clamping);
             H, W >= 16.
+          remat: for a gradient, keep only each VGG stage's input and each layer's features
+            (in the compute dtype) and recompute the rest in the backward pass: the same
+            values, less memory, one more trunk forward pass.
         Returns:
           (B,) float32; for identical images 0 up to round-off (~1e-16: XLA fuses the
           normalisation into the difference, with fused multiply-adds).
@@ -264,15 +293,12 @@ class LPIPS(nnx.Module):
         # Two trunk passes rather than one over the concatenated batch: in training only the
         # reconstruction needs a gradient, and separate passes let JAX skip the backward pass
         # through the target's trunk.
-        features0 = self.vgg((x0.astype(jnp.float32) - shift) / scale)
-        features1 = self.vgg((x1.astype(jnp.float32) - shift) / scale)
+        features0 = self.vgg((x0.astype(jnp.float32) - shift) / scale, remat=remat)
+        features1 = self.vgg((x1.astype(jnp.float32) - shift) / scale, remat=remat)
         total = jnp.zeros((x0.shape[0],), jnp.float32)
         for k, (f0, f1) in enumerate(zip(features0, features1)):
-            f0 = normalize_channels(f0.astype(jnp.float32))
-            f1 = normalize_channels(f1.astype(jnp.float32))
-            diff = jnp.square(f0 - f1)  # (B, h, w, C_k)
-            weighted = getattr(self, f"lin{k}")(diff)  # (B, h, w, 1)
-            total = total + jnp.mean(weighted, axis=(1, 2, 3))
+            lin = getattr(self, f"lin{k}")
+            total = total + (_recomputed(_head_distance, lin, f0, f1) if remat else _head_distance(lin, f0, f1))
         return total
 
     def weights(self) -> dict[str, np.ndarray]:

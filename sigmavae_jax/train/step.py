@@ -74,7 +74,7 @@ def make_train_step(cfg: Config, modules: TrainStructure, lpips_graph: Any = Non
         pixel = losses.pixel_loss(x, x_hat, loss_cfg.pixel_loss)
         perceptual = None
         if loss_cfg.perceptual_weight > 0:
-            perceptual = nnx.merge(lpips_graph, lpips_vars)(x, x_hat)
+            perceptual = nnx.merge(lpips_graph, lpips_vars)(x, x_hat, remat=bool(cfg.train.remat))
         rec = losses.reconstruction_loss(pixel, perceptual, loss_cfg.perceptual_weight)
         parts = {
             "loss/pixel": jnp.mean(pixel),
