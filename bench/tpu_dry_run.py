@@ -9,7 +9,7 @@ programs' own analyses, the roofline-bound images/s and the largest batch per ch
   way, ours also with its memory setting (train.remat=true: the largest batch; --vae-remat).
   The peer is installed into bench/.peer (pip --target), not into our environment.
 
-A full-size compile takes 4-8 minutes on one core, so the largest batch is predicted from the
+A full-size compile takes 3-8 minutes on 2 cores, so the largest batch is predicted from the
 per-image slope of the HBM total between two batch sizes (8 and 16 per chip; 8 and 32 for the
 ns1 memory setting, whose memory per image falls as batches grow) and, for the ns1 memory
 setting, confirmed by one more compile. Ten compiles, each in its own process, two at a time

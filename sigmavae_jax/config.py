@@ -154,7 +154,7 @@ class TrainConfig(_Strict):
     # "blocks", the input of each resolution level's ResnetBlock and everything else (the
     # resamplers, conv_in and the latent-resolution blocks are not recomputed: ~12% more FLOPs);
     # "convs", the units' inputs and the convolutions' outputs (GroupNorm and SiLU recomputed).
-    # Any of them also recomputes LPIPS's VGG stages and heads (~1% more FLOPs).
+    # Any of them also recomputes LPIPS's VGG stages and heads (~2% more FLOPs).
     remat: bool | Literal["convs", "blocks"] = False
     # How convolutions and the GAN's branches are computed (sigmavae_jax.kernels): "auto" picks
     # "cpu" when the mesh's devices are CPUs and "xla" otherwise (TPU, GPU); same maths either way.

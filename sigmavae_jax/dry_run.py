@@ -506,7 +506,7 @@ def advice(report: Report, cfg: Config) -> str:
     if not cfg.train.remat:
         hints.append(
             "set train.remat=blocks (recompute the ResnetBlocks' activations in the backward pass, about "
-            "12% more FLOPs) or train.remat=true (least memory, about 20% more)"
+            "14% more FLOPs) or train.remat=true (least memory, about 18% more)"
         )
     if cfg.train.compute_dtype != "bfloat16":
         hints.append("set train.compute_dtype=bfloat16")
