@@ -361,6 +361,24 @@ def test_remat_settings_give_the_same_gradients_and_keep_less():
     assert kept[True] < kept["blocks"] < kept[False]
 
 
+def test_a_remat_model_closed_over_by_jax_grad_gives_the_plain_gradient():
+    """A user's `jax.grad` over a function that closes over an AutoencoderKL built with remat
+    (built outside the transform, never split) gives the plain model's image gradient; with
+    `nnx.remat` inside the model this raised a TraceContextError."""
+    from sigmavae_jax.models.autoencoder import AutoencoderKL
+
+    model_cfg = tiny_config().model
+    x = jnp.asarray(images((1, 16, 16, 3), seed=5))
+    grads = {}
+    for remat in (False, True, "blocks"):
+        model = AutoencoderKL(model_cfg, rngs=nnx.Rngs(0), remat=remat, kernels=kernels.XLA)
+        with jax.default_matmul_precision("highest"):
+            grads[remat] = np.asarray(jax.grad(lambda x: jnp.mean(jnp.abs(model(x)[0] - x)))(x))
+    assert np.abs(grads[False]).max() > 0
+    for remat in (True, "blocks"):
+        np.testing.assert_allclose(grads[remat], grads[False], rtol=1e-5, atol=1e-7)
+
+
 def test_remat_units_join_resamplers_to_the_block_on_their_small_side():
     """A recomputed unit is one block with the steps that lead into it (an Upsample, conv_in)
     and those that trail it (a Downsample, the output head), so each unit's kept input is the

@@ -24,6 +24,7 @@ from sigmavae_jax.models.layers import (
     Upsample,
     conv,
 )
+from sigmavae_jax.models.recompute import recomputed
 
 Remat = bool | str  # False | True | "convs" | "blocks" (see config.TrainConfig.remat)
 # What a recomputed unit saves for its backward pass, besides its input.
@@ -90,10 +91,8 @@ def run_steps(steps: list[Step], x: jax.Array, remat: Remat = False) -> jax.Arra
     """The steps in order; the runs `remat_plan` marks are recomputed in the backward pass
     (keeping, besides each run's input, what REMAT_POLICIES[remat] saves)."""
     for recompute, run in remat_plan(steps, remat):
-        fn = functools.partial(_run_unit, tuple(s[0] for s in run))
-        if recompute:
-            fn = nnx.remat(fn, policy=REMAT_POLICIES[remat])
-        x = fn(tuple(s[1] for s in run), x)
+        fn, modules = functools.partial(_run_unit, tuple(s[0] for s in run)), tuple(s[1] for s in run)
+        x = recomputed(fn, modules, x, policy=REMAT_POLICIES[remat]) if recompute else fn(modules, x)
     return x
 
 

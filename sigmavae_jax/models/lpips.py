@@ -32,7 +32,7 @@ import importlib.util
 import os
 import pathlib
 import pickle
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ from flax import nnx
 
 from sigmavae_jax.messages import listing
 from sigmavae_jax.models import weight_files
+from sigmavae_jax.models.recompute import recomputed
 
 Dtype = jnp.dtype | type
 Precision = str | jax.lax.Precision | None
@@ -183,14 +184,6 @@ def normalize_channels(x: jax.Array) -> jax.Array:
     return x / (norm + NORMALIZE_EPS)
 
 
-def _recomputed(fn: Callable[..., jax.Array], modules: Any, *args: jax.Array) -> jax.Array:
-    """fn(modules, *args), recomputed in the backward pass (only `args` are kept). The modules'
-    frozen variables enter as arrays, so it works under any transform (nnx.remat would write
-    them back, which fails for an LPIPS built outside the transform)."""
-    graph, state = nnx.split(modules)
-    return jax.checkpoint(lambda state, *args: fn(nnx.merge(graph, state), *args))(state, *args)
-
-
 def _vgg_stage(pool: bool, convs: tuple[FrozenConv, ...], x: jax.Array) -> jax.Array:
     """One VGG16 stage: an optional 2x2 max pool, then conv + ReLU per conv."""
     if pool:
@@ -221,7 +214,7 @@ class VGG16Features(nnx.Module):
             convs = tuple(getattr(self, f"conv{i}") for i in range(first, first + len(widths)))
             first += len(widths)
             stage = functools.partial(_vgg_stage, s > 0)
-            x = _recomputed(stage, convs, x) if remat else stage(convs, x)
+            x = recomputed(stage, convs, x) if remat else stage(convs, x)
             features.append(x)
         return features
 
@@ -298,7 +291,7 @@ class LPIPS(nnx.Module):
         total = jnp.zeros((x0.shape[0],), jnp.float32)
         for k, (f0, f1) in enumerate(zip(features0, features1)):
             lin = getattr(self, f"lin{k}")
-            total = total + (_recomputed(_head_distance, lin, f0, f1) if remat else _head_distance(lin, f0, f1))
+            total = total + (recomputed(_head_distance, lin, f0, f1) if remat else _head_distance(lin, f0, f1))
         return total
 
     def weights(self) -> dict[str, np.ndarray]:
