@@ -54,47 +54,55 @@ def single_device_mesh():
     return parallel.make_mesh(devices=jax.devices()[:1])
 
 
-def reference_terms(cfg, state, x):
-    """What the step should compute, from the pieces: the same latent noise (the step's key
-    is fold_in(rng, step)), x_hat, KL, LPIPS, D logits, and the adaptive weight from two
-    separate jax.grad calls w.r.t. the decoder's conv_out kernel."""
+@functools.lru_cache(maxsize=None)
+def reference_pieces(cfg):
+    """The reference's pieces for `cfg`, jitted once (a test calls it at every step): from the
+    state's parameters, the step's key and the images, (grad_W nll, grad_W g) for W the decoder's
+    conv_out kernel, each from its own jax.grad through the whole model, then x_hat, KL, LPIPS
+    and the discriminator's logits of x and x_hat."""
     modules = train_state.build_structure(cfg)
-    vae_params = state.params["vae"]
-    key = jax.random.fold_in(state.rng, state.step)
-    x = jnp.asarray(x)
-
-    def x_hat_of(kernel):
-        params = jax.tree.map(lambda a: a, vae_params)
-        params["decoder"]["conv_out"]["kernel"] = kernel
-        vae = nnx.merge(modules.vae, params)
-        posterior = vae.posterior(x)
-        return vae.decode(vae.training_latent(posterior, key)), posterior.kl()
-
-    perceptual = lambda x_hat: nnx.merge(*lpips_parts())(x, x_hat)  # noqa: E731
-
-    def logits_of(images):
-        disc = nnx.merge(modules.disc, state.disc_params, state.disc_stats)
-        return disc(images)
-
-    def nll_of(kernel):
-        x_hat, _ = x_hat_of(kernel)
-        diff = x - x_hat
-        pixel = jnp.abs(diff) if cfg.loss.pixel_loss == "l1" else diff**2
-        rec = pixel + cfg.loss.perceptual_weight * perceptual(x_hat)[:, None, None, None]
-        logvar = state.params["logvar"]
-        return jnp.sum(rec / jnp.exp(logvar) + logvar) / x.shape[0]
-
-    def g_of(kernel):
-        return -jnp.mean(logits_of(x_hat_of(kernel)[0]))
+    perceptual = lambda x, x_hat: nnx.merge(*lpips_parts())(x, x_hat)  # noqa: E731
 
     @jax.jit
-    def pieces(kernel):
+    def pieces(params, disc_params, disc_stats, key, x):
+        def x_hat_of(kernel):
+            vae_params = jax.tree.map(lambda a: a, params["vae"])
+            vae_params["decoder"]["conv_out"]["kernel"] = kernel
+            vae = nnx.merge(modules.vae, vae_params)
+            posterior = vae.posterior(x)
+            return vae.decode(vae.training_latent(posterior, key)), posterior.kl()
+
+        def logits_of(images):
+            return nnx.merge(modules.disc, disc_params, disc_stats)(images)
+
+        def nll_of(kernel):
+            x_hat, _ = x_hat_of(kernel)
+            diff = x - x_hat
+            pixel = jnp.abs(diff) if cfg.loss.pixel_loss == "l1" else diff**2
+            rec = pixel + cfg.loss.perceptual_weight * perceptual(x, x_hat)[:, None, None, None]
+            logvar = params["logvar"]
+            return jnp.sum(rec / jnp.exp(logvar) + logvar) / x.shape[0]
+
+        def g_of(kernel):
+            return -jnp.mean(logits_of(x_hat_of(kernel)[0]))
+
+        kernel = params["vae"]["decoder"]["conv_out"]["kernel"]
         x_hat, kl = x_hat_of(kernel)
         grads = (jax.grad(nll_of)(kernel), jax.grad(g_of)(kernel))
-        return grads, x_hat, kl, perceptual(x_hat), logits_of(x), logits_of(x_hat)
+        return grads, x_hat, kl, perceptual(x, x_hat), logits_of(x), logits_of(x_hat)
 
+    return pieces
+
+
+def reference_terms(cfg, state, x):
+    """What the step should compute, from the pieces (`reference_pieces`): the same latent
+    noise (the step's key is fold_in(rng, step)), x_hat, KL, LPIPS, D logits, and the adaptive
+    weight from two separate jax.grad calls w.r.t. the decoder's conv_out kernel."""
+    key = jax.random.fold_in(state.rng, state.step)
     with jax.default_matmul_precision("highest"):
-        (nll_grad, g_grad), x_hat, kl, lpips, real, fake = pieces(vae_params["decoder"]["conv_out"]["kernel"])
+        (nll_grad, g_grad), x_hat, kl, lpips, real, fake = reference_pieces(cfg)(
+            state.params, state.disc_params, state.disc_stats, key, jnp.asarray(x)
+        )
     as64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     terms = {"x_hat": as64(x_hat), "kl": as64(kl), "lpips": as64(lpips), "real": as64(real), "fake": as64(fake)}
     ratio = np.linalg.norm(np.asarray(nll_grad, np.float64)) / (np.linalg.norm(np.asarray(g_grad, np.float64)) + 1e-4)
