@@ -197,8 +197,11 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
 # The driver.
 
 
-def install_beside(spec: str, folder: pathlib.Path) -> None:
-    """pip install `spec` (without dependencies) into `folder`, an environment of the bench's own."""
+def install_beside(spec: str, folder: pathlib.Path, provides: pathlib.Path) -> None:
+    """pip install `spec` (without dependencies) into `folder`, an environment of the bench's own,
+    unless `provides` (a path the install creates) is there already."""
+    if provides.exists():
+        return
     print(f"installing {spec} into {folder} (the bench's own, not our environment)", flush=True)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(folder), spec], check=True
@@ -206,22 +209,21 @@ def install_beside(spec: str, folder: pathlib.Path) -> None:
 
 
 def ensure_peer() -> None:
-    if not (PEER_DIR / "diffusers").is_dir():
-        install_beside(PEER, PEER_DIR)
+    install_beside(PEER, PEER_DIR, PEER_DIR / "diffusers")
 
 
 def allocator_library() -> str | None:
     """mimalloc's shared library (installed into ALLOCATOR_DIR on first use), or None, said on
     stdout, where it cannot be had: the compiles then use the system allocator."""
-    found = sorted(ALLOCATOR_DIR.glob("cmeel.prefix/lib/libmimalloc.so*"))
-    if not found:
-        try:
-            install_beside(ALLOCATOR, ALLOCATOR_DIR)
-        except subprocess.CalledProcessError:
-            print(f"could not install {ALLOCATOR}: compiling with the system allocator (slower)", flush=True)
-            return None
-        found = sorted(ALLOCATOR_DIR.glob("cmeel.prefix/lib/libmimalloc.so*"))
-    return str(found[0]) if found else None
+    library = ALLOCATOR_DIR / "cmeel.prefix" / "lib" / "libmimalloc.so"
+    try:
+        install_beside(ALLOCATOR, ALLOCATOR_DIR, library)
+    except subprocess.CalledProcessError:
+        pass  # said below
+    if library.is_file():
+        return str(library)
+    print(f"no {library} from {ALLOCATOR}: compiling with the system allocator (slower)", flush=True)
+    return None
 
 
 def run_one(name: str, topology_name: str, per_chip: int, extra_path: tuple[str, ...] = ()) -> dict:
