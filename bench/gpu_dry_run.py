@@ -58,12 +58,10 @@ def largest(name: str, gpu: str, at: dict[int, dict], extra: tuple[str, ...]) ->
     """The largest batch per GPU: predicted from the slope between 8 and 16, then compiled;
     stepped down while it does not fit. When it fits, the line through 8 and the confirmed
     point predicts again, and a larger prediction is compiled once more."""
-    guess = tpu_dry_run.predicted_largest(at)
-    result = at[guess] = tpu_dry_run.run_one(name, gpu, guess, extra)
-    while not result["fits"] and guess > 1:
-        guess = max(1, guess - max(1, guess // 16))
-        result = at[guess] = tpu_dry_run.run_one(name, gpu, guess, extra)
-    if not result["fits"]:
+    guess = tpu_dry_run.fitting_at_or_below(
+        tpu_dry_run.predicted_largest(at), lambda batch: tpu_dry_run.run_one(name, gpu, batch, extra), at
+    )
+    if not at[guess]["fits"]:
         return 0
     refined = tpu_dry_run.predicted_largest({b: at[b] for b in (BATCHES[0], guess)})
     if refined > guess:

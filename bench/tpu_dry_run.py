@@ -33,6 +33,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from typing import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PEER_DIR = ROOT / "bench" / ".peer"
@@ -258,6 +259,17 @@ def predicted_largest(at: dict[int, dict]) -> int:
     return max(1, int((MARGIN * f1["hbm_capacity"] - fixed) // slope))
 
 
+def fitting_at_or_below(guess: int, compile_at: Callable[[int], dict], at: dict[int, dict]) -> int:
+    """Compile at `guess` per chip (compile_at(batch) -> figures, recorded in `at`), stepping down by
+    about a sixteenth while it does not fit; returns the last batch compiled (1 at the least,
+    whether or not it fits: its figures say)."""
+    result = at[guess] = compile_at(guess)
+    while not result["fits"] and guess > 1:
+        guess = max(1, guess - max(1, guess // 16))
+        result = at[guess] = compile_at(guess)
+    return guess
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -298,12 +310,8 @@ def main() -> None:
 
     def confirm(key) -> None:
         """Compile at the predicted batch; step down while it does not fit."""
-        guess = predicted_largest(figures[key])
-        result = run_one(*key, guess)
-        while not result["fits"] and guess > 1:
-            guess = max(1, guess - max(1, guess // 16))
-            result = run_one(*key, guess)
-        figures[key][guess], largest[key] = result, guess
+        guess = fitting_at_or_below(predicted_largest(figures[key]), lambda batch: run_one(*key, batch), figures[key])
+        largest[key] = guess
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         plan = [
