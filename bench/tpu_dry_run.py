@@ -310,8 +310,9 @@ def main() -> None:
 
     def confirm(key) -> None:
         """Compile at the predicted batch; step down while it does not fit."""
-        guess = fitting_at_or_below(predicted_largest(figures[key]), lambda batch: run_one(*key, batch), figures[key])
-        largest[key] = guess
+        largest[key] = fitting_at_or_below(
+            predicted_largest(figures[key]), lambda batch: run_one(*key, batch), figures[key]
+        )
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         plan = [

@@ -581,9 +581,9 @@ def hlo_traffic(hlo_text: str) -> list[dict[str, Any]]:
     """The bytes each operation of a compiled (optimised) HLO module moves, most first: each
     top-level instruction's operands plus outputs, as laid out (padded to whole tiles), and an
     asynchronous copy's or slice's array twice, at its start (fused computations' insides stay
-    on chip and are not counted). On the TPU programs measured this sums to 95-100% of the
-    compiled program's cost analysis. Each entry: bytes, the opcode (a fusion's kind), the
-    largest output array's shape and the JAX name the ops came from."""
+    on chip and are not counted), as a TPU's cost analysis counts them (docs/performance.md
+    compares the sums). Each entry: bytes, the opcode (a fusion's kind), the largest output
+    array's shape and the JAX name the ops came from."""
     fused = set(re.findall(r"calls=%?([\w.\-]+)", hlo_text))
     instructions, inside = [], None
     for line in hlo_text.splitlines():

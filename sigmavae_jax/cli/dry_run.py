@@ -119,7 +119,7 @@ def print_top_ops(compiled, count: int, batch_per_chip: int) -> None:
     analysed = f"{total / 1e9:.2f} GB (cost analysis)" if total is not None else "no cost analysis from this compiler"
     print(
         f"HBM traffic per device: {analysed}; {listed / 1e9:.2f} GB over {len(rows)} operations "
-        f"(operands + outputs, read from the program)"
+        f"(operands + outputs as laid out, an asynchronous move once, read from the program)"
     )
     print(f"the {count} operations that move the most:")
     print(f"  {'GB':>7} {'MB/image':>9}  {'op':<22} {'output':<28} source")
