@@ -524,6 +524,7 @@ def advice(report: Report, cfg: Config) -> str:
 # minor-to-major order and, on TPU, tiles: "{3,0,2,1:T(8,128)(2,1)}").
 _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\](\{[^}]*\})?")
 _LAYOUT = re.compile(r"\{([\d,]*)(?::[^}]*?T\(([\d,]+)\))?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")  # in a layout: the memory the array lives in
 _ITEMSIZE = {
     "pred": 1,
     "s8": 1,
@@ -567,14 +568,23 @@ def _array_bytes(dtype: str, dims: str, layout: str) -> int:
     return _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64))
 
 
-def _shape_bytes(text: str) -> int:
-    return sum(_array_bytes(*array) for array in _SHAPE.findall(text))
+def _on_chip(layout: str) -> bool:
+    """Whether a layout puts its array in a TPU core's own memory: memory space S(1), the vector
+    memory, or S(2), the scalar memory (HBM is the default space, S(0); S(5) is the host's)."""
+    space = _MEMORY_SPACE.search(layout or "")
+    return bool(space) and int(space.group(1)) in (1, 2)
+
+
+def _shape_bytes(text: str) -> tuple[int, int]:
+    """(bytes, bytes of them in on-chip memory) of the arrays in an HLO type."""
+    sizes = [(_array_bytes(*array), _on_chip(array[2])) for array in _SHAPE.findall(text)]
+    return sum(size for size, _ in sizes), sum(size for size, on_chip in sizes if on_chip)
 
 
 # Asynchronous copies between HBM and on-chip memory: the bytes move once, between the start and
 # the done; the start's tuple holds (destination, source, context) for a copy and ((source),
-# slice, context) for a slice, so the moved array is this element of it.
-_MOVED_ELEMENT = {"copy-start": 0, "slice-start": 1}
+# slice, context) for a slice: (the moved array, the array it comes from) are these elements.
+_MOVED_ELEMENT = {"copy-start": (0, 1), "slice-start": (1, 0)}
 
 
 def hlo_traffic(hlo_text: str) -> list[dict[str, Any]]:
@@ -582,8 +592,9 @@ def hlo_traffic(hlo_text: str) -> list[dict[str, Any]]:
     top-level instruction's operands plus outputs, as laid out (padded to whole tiles), and an
     asynchronous copy's or slice's array twice, at its start (fused computations' insides stay
     on chip and are not counted), as a TPU's cost analysis counts them (docs/performance.md
-    compares the sums). Each entry: bytes, the opcode (a fusion's kind), the largest output
-    array's shape and the JAX name the ops came from."""
+    compares the sums). Each entry: bytes; on_chip, those of them read or written in on-chip
+    memory (`_on_chip` layouts), which the cost analysis counts as it counts HBM; the
+    opcode (a fusion's kind); the largest output array's shape; the JAX name the ops came from."""
     fused = set(re.findall(r"calls=%?([\w.\-]+)", hlo_text))
     instructions, inside = [], None
     for line in hlo_text.splitlines():
@@ -601,16 +612,21 @@ def hlo_traffic(hlo_text: str) -> list[dict[str, Any]]:
         if opcode in _NOT_TRAFFIC or opcode.endswith("-done"):  # an asynchronous op counts at its start
             continue
         if opcode in _MOVED_ELEMENT:  # read from one memory, written to the other
-            moved = 2 * _array_bytes(*_SHAPE.findall(output)[_MOVED_ELEMENT[opcode]])
+            arrays = _SHAPE.findall(output)
+            moved_to, moved_from = (arrays[i] for i in _MOVED_ELEMENT[opcode])
+            size = _array_bytes(*moved_to)
+            moved, on_chip = 2 * size, size * (_on_chip(moved_to[2]) + _on_chip(moved_from[2]))
         else:
             operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
-            moved = produced[name] + sum(produced.get(operand, 0) for operand in operands)
+            sizes = [produced[name], *(produced.get(operand, (0, 0)) for operand in operands)]
+            moved, on_chip = (sum(column) for column in zip(*sizes))
         kind = re.search(r"kind=(\w+)", rest)
         op_name = re.search(r'op_name="([^"]*)"', rest)
         shape = max(_SHAPE.finditer(output), key=lambda array: _array_bytes(*array.groups()), default=None)
         rows.append(
             {
                 "bytes": moved,
+                "on_chip": on_chip,
                 "op": f"{opcode}:{kind.group(1)}" if kind else opcode,
                 "shape": f"{shape.group(1)}[{shape.group(2)}]" if shape else output[:40],
                 "source": op_name.group(1) if op_name else name,

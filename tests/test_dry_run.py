@@ -75,7 +75,7 @@ ENTRY %main (param.0: bf16[8,32,32,3], param.1: f32[3,3,128,256]) -> bf16[8,32,3
 """  # noqa: E501 (HLO lines as the compiler writes them)
 
 
-def test_the_traffic_listing_counts_tiles_as_laid_out_and_asynchronous_moves_once():
+def test_the_traffic_listing_counts_tiles_as_laid_out_asynchronous_moves_once_and_on_chip_bytes():
     padded_image = 2 * 32 * 32 * 4 * 128  # bf16, (channels, batch) padded to a (4, 128) tile
     weight_slice = 4 * 3 * 128 * 256
     output = 2 * 8 * 32 * 32 * 256
@@ -85,6 +85,11 @@ def test_the_traffic_listing_counts_tiles_as_laid_out_and_asynchronous_moves_onc
     assert rows["slice-start"]["bytes"] == 2 * weight_slice
     fusion = rows["fusion:kOutput"]
     assert fusion["bytes"] == padded_image + weight_slice + output
+    # both moves write into on-chip memory (S(1)) what they read from HBM; the fusion reads both
+    # there and writes its output to HBM
+    assert rows["copy-start"]["on_chip"] == padded_image
+    assert rows["slice-start"]["on_chip"] == weight_slice
+    assert fusion["on_chip"] == padded_image + weight_slice
     assert (fusion["shape"], fusion["source"]) == ("bf16[8,32,32,256]", "jit(f)/conv_general_dilated")
 
 
@@ -136,6 +141,7 @@ def test_tpu_step_holds_the_conditionals_and_none_of_the_cpu_forms_and_reports_i
     rows = dry_run.hlo_traffic(hlo)
     assert rows[0]["bytes"] >= rows[-1]["bytes"]
     assert sum(row["bytes"] for row in rows) == pytest.approx(cost["bytes accessed"], rel=0.05)
+    assert 0 < sum(row["on_chip"] for row in rows) < sum(row["bytes"] for row in rows)  # XLA stages some in VMEM
     assert any("conv_general_dilated" in row["source"] for row in rows)
     chip = topology.CHIPS["v5e"]
     want = min(chip.bf16_flops / report.flops_per_image, chip.hbm_bandwidth / report.bytes_per_image)

@@ -117,16 +117,21 @@ def print_top_ops(compiled, count: int, batch_per_chip: int) -> None:
     total = dry_run.cost_of(compiled).get("bytes accessed")
     listed = sum(row["bytes"] for row in rows)
     analysed = f"{total / 1e9:.2f} GB (cost analysis)" if total is not None else "no cost analysis from this compiler"
+    on_chip = sum(row["on_chip"] for row in rows)
     print(
         f"HBM traffic per device: {analysed}; {listed / 1e9:.2f} GB over {len(rows)} operations "
         f"(operands + outputs as laid out, an asynchronous move once, read from the program)"
     )
+    print(
+        f"  of which {on_chip / 1e9:.2f} GB ({100 * on_chip / max(listed, 1):.0f}%) are read or written in the "
+        f"chip's own memory, not HBM, though the cost analysis counts them alike"
+    )
     print(f"the {count} operations that move the most:")
-    print(f"  {'GB':>7} {'MB/image':>9}  {'op':<22} {'output':<28} source")
+    print(f"  {'GB':>7} {'MB/image':>9} {'on chip':>7}  {'op':<22} {'output':<28} source")
     for row in rows[:count]:
         print(
-            f"  {row['bytes'] / 1e9:7.3f} {row['bytes'] / batch_per_chip / 1e6:9.1f}  "
-            f"{row['op']:<22} {row['shape']:<28} "
+            f"  {row['bytes'] / 1e9:7.3f} {row['bytes'] / batch_per_chip / 1e6:9.1f} "
+            f"{100 * row['on_chip'] / max(row['bytes'], 1):6.0f}%  {row['op']:<22} {row['shape']:<28} "
             f"{row['source'][-110:]}"
         )
     print("summed by source:")
