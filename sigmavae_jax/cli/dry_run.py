@@ -122,10 +122,11 @@ def print_top_ops(compiled, count: int, batch_per_chip: int) -> None:
         f"HBM traffic per device: {analysed}; {listed / 1e9:.2f} GB over {len(rows)} operations "
         f"(operands + outputs as laid out, an asynchronous move once, read from the program)"
     )
-    print(
-        f"  of which {on_chip / 1e9:.2f} GB ({100 * on_chip / max(listed, 1):.0f}%) are read or written in the "
-        f"chip's own memory, not HBM, though the cost analysis counts them alike"
-    )
+    if on_chip:  # TPU: what XLA stages in the vector memory next to the cores
+        print(
+            f"  of which {on_chip / 1e9:.2f} GB ({100 * on_chip / max(listed, 1):.0f}%) are read or written in the "
+            f"chip's own memory, not HBM, though the cost analysis counts them alike"
+        )
     print(f"the {count} operations that move the most:")
     print(f"  {'GB':>7} {'MB/image':>9} {'on chip':>7}  {'op':<22} {'output':<28} source")
     for row in rows[:count]:
