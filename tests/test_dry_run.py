@@ -93,17 +93,67 @@ def test_the_traffic_listing_counts_tiles_as_laid_out_asynchronous_moves_once_an
     assert (fusion["shape"], fusion["source"]) == ("bf16[8,32,32,256]", "jit(f)/conv_general_dilated")
 
 
-def test_largest_fitting_doubles_then_bisects():
-    for limit_fit in [0, 1, 2, 3, 7, 8, 9, 48, 100, 1000]:
-        for start in [1, 4, 16, 2000]:
-            asked = []
+CAPACITY = 16.0  # GiB, for the made-up memory curves below
 
-            def fits(n):
-                asked.append(n)
-                return n <= limit_fit
 
-            assert dry_run.largest_fitting(fits, start=start) == limit_fit, (limit_fit, start)
-            assert len(asked) <= 2 * 12 + 2  # doubling and bisection: logarithmic in the answer
+def _search(used, start, truth_limit=None, report=None):
+    """largest_fitting over a made-up memory curve: (answer, the batches it measured). A batch fits
+    when used(n) <= CAPACITY, or n <= truth_limit when given (the verdict then comes from
+    elsewhere, as a refused compile's does); report(n) is the bytes it reports (default used(n))."""
+    asked = []
+
+    def measure(n):
+        asked.append(n)
+        fits = n <= truth_limit if truth_limit is not None else used(n) <= CAPACITY
+        return fits, (report or used)(n)
+
+    return dry_run.largest_fitting(measure, CAPACITY, start=start), asked
+
+
+def _truth(used, limit=1 << 16):
+    return max((n for n in range(1, 4096) if used(n) <= CAPACITY), default=0)
+
+
+# memory against the batch: linear, per-image memory falling as batches grow (the TPU steps'),
+# rising (a compiler that rematerialises more at large batches), and a staircase
+_CURVES = {
+    "linear": lambda n: 1.3 + 0.27 * n,
+    "concave": lambda n: 1.0 + 0.5 * n**0.85,
+    "convex": lambda n: 2.0 + 0.05 * n**1.3,
+    "steps": lambda n: 0.5 + 0.25 * (n // 4) * 4,
+    "nothing fits": lambda n: 17.0 + n,
+}
+
+
+@pytest.mark.parametrize("curve", list(_CURVES))
+def test_largest_fitting_finds_the_largest_batch_on_any_memory_curve(curve):
+    used = _CURVES[curve]
+    for start in [1, 2, 8, 16, 40, 500]:
+        found, asked = _search(used, start)
+        assert found == _truth(used), (curve, start, asked)
+        assert len(set(asked)) == len(asked)  # no batch measured twice
+        assert len(asked) <= 2 * 12 + 2  # doubling and bisection at worst: logarithmic in the answer
+
+
+def test_largest_fitting_follows_the_memory_line_to_the_answer_in_few_measurements():
+    # linear memory, started at 8: 8 and 16 give the line, its crossing fits, one more does not
+    found, asked = _search(_CURVES["linear"], 8)
+    assert found == 54 and asked == [8, 16, 54, 55]
+    # doubling and bisection alone (verdicts without bytes) take more, on the same curve
+    found, blind = _search(_CURVES["linear"], 8, truth_limit=54, report=lambda n: 0.0)
+    assert found == 54 and len(blind) > len(asked) + 3
+    # per-image memory that falls as batches grow: the line underestimates, and is redrawn
+    found, asked = _search(_CURVES["concave"], 8)
+    assert found == _truth(_CURVES["concave"]) and len(asked) <= 7
+
+
+def test_largest_fitting_bisects_where_the_bytes_disagree_with_the_verdict():
+    """A refused compile may report bytes below the capacity; the verdict rules, the bytes of
+    such points are not used for the line."""
+    used = _CURVES["linear"]
+    for limit_fit in [0, 1, 3, 30, 54]:
+        found, _ = _search(used, 8, truth_limit=limit_fit, report=lambda n: used(n) if n <= limit_fit else 1.0)
+        assert found == limit_fit
 
 
 def test_global_batch_that_does_not_split_over_the_chips_is_the_run_error(capsys):
@@ -260,21 +310,22 @@ def test_fsdp_shards_parameters_and_optimizer_state_over_the_slice():
 
 
 def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatch, capsys):
-    """The command line's search over per-chip batches (compiles replaced by a rule: up to 12
-    images per chip fit), ending in the report and JSON of the largest."""
+    """The command line's search over per-chip batches (compiles replaced by a rule: 4 GiB and 1
+    GiB per image, so up to 12 images per chip fit in 16 GiB), ending in the report and JSON of
+    the largest."""
     asked = []
 
     def fake_report(cfg, tpu_slice, keep=None, flops=True):
         per_chip = cfg.train.batch_size // tpu_slice.chips
         asked.append(per_chip)
-        total = (1 + per_chip) * 2**30
+        total = (4 + per_chip) * 2**30
         return dry_run.Report(
             "train step",
             tpu_slice,
             per_chip,
             {"parameters": 2**20},
             total=total,
-            fits=per_chip <= 12,
+            fits=total <= tpu_slice.capacity,
             flops_per_image=1e12,
             bytes_per_image=5e9,
         )
@@ -287,5 +338,6 @@ def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatc
     assert code == 0
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["max_batch_per_chip"] == 12 and figures["max_global_batch"] == 48 and figures["batch_per_chip"] == 12
-    assert asked[0] == 2 and 13 in asked and 12 in asked  # from the config's 8 / 4 chips, doubling then bisecting
+    # from the config's 8 / 4 chips, doubled; the line through 2 and 4 meets 16 GiB at 12; 13 does not fit
+    assert asked == [2, 4, 12, 13]
     assert "largest batch that fits: 12 per chip (train.batch_size=48)" in out

@@ -45,7 +45,7 @@ def _devices(tpu_slice) -> str:
 
 def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep: dict | None = None) -> int:
     """The training step of `cfg` on the slice; with find_batch, at the largest per-device batch
-    that fits (doubling from the config's, then bisection); dump_top: list the operations of
+    that fits (`dry_run.largest_fitting` from the config's batch); dump_top: list the operations of
     the compiled program that move the most HBM bytes. keep: when given (and not find_batch),
     gets the compiled program under "compiled"."""
     tpu_slice = _slice(topology_name)
@@ -66,7 +66,7 @@ def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep:
     def at(per_chip: int):
         return with_overrides(cfg, [f"train.batch_size={per_chip * chips}"])
 
-    def fits(per_chip: int) -> bool:
+    def measure(per_chip: int) -> tuple[bool, int]:
         start = time.perf_counter()
         reports[per_chip] = report = dry_run.train_step_report(at(per_chip), tpu_slice, flops=False)
         verdict = "fits" if report.fits else "does not fit"
@@ -75,9 +75,9 @@ def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep:
             f"({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
-        return report.fits
+        return report.fits, report.total
 
-    best = dry_run.largest_fitting(fits, start=max(1, cfg.train.batch_size // chips))
+    best = dry_run.largest_fitting(measure, tpu_slice.capacity, start=max(1, cfg.train.batch_size // chips))
     batch = best or min(reports)
     report = dry_run.fill_step_flops(reports[batch], at(batch))
     extra = {"max_batch_per_chip": best, "max_global_batch": best * chips}

@@ -69,7 +69,8 @@ def parse_args(argv):
     parser.add_argument(
         "--find-batch",
         action="store_true",
-        help="with --dry-run: find the largest per-chip batch that fits (doubling, then bisection)",
+        help="with --dry-run: find the largest per-chip batch that fits (compiles where the memory line "
+        "through the last two meets the capacity, doubling or bisecting where it cannot)",
     )
     parser.add_argument(
         "--dump-top",
