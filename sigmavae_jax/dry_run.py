@@ -501,7 +501,7 @@ def largest_fitting(
             return low
         guess = _line_guess(points, low, high, capacity)
         if guess is None or (high is not None and sides[-2:] in ([True, True], [False, False])):
-            sides.clear()  # the line creeps towards the boundary from one side: halve the interval
+            sides.clear()  # no line, or one creeping towards the boundary from one side: double, halve, bisect
             guess, bounded_line = 2 * low if high is None else (low + high) // 2 if low else high // 2, False
         else:
             bounded_line = high is not None
