@@ -326,7 +326,7 @@ def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatc
             {"parameters": 2**20},
             total=total,
             fits=total <= tpu_slice.capacity,
-            flops_per_image=1e12,
+            flops_per_image=1e12 * (1.1 if per_chip >= 12 else 1.0),  # as if the compiler recomputed near the limit
             bytes_per_image=5e9,
         )
 
@@ -338,6 +338,8 @@ def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatc
     assert code == 0
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["max_batch_per_chip"] == 12 and figures["max_global_batch"] == 48 and figures["batch_per_chip"] == 12
+    assert figures["max_batch_extra_flops"] == pytest.approx(0.1)  # against the smallest batch compiled, 2 per chip
+    assert "FLOPs per image at 12 per chip: +10.0% against 2 per chip" in out
     # from the config's 8 / 4 chips, doubled; the line through 2 and 4 meets 16 GiB at 12; 13 does not fit
     assert asked == [2, 4, 12, 13]
     assert "largest batch that fits: 12 per chip (train.batch_size=48)" in out

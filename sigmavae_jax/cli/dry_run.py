@@ -82,6 +82,14 @@ def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep:
     report = dry_run.fill_step_flops(reports[batch], at(batch))
     extra = {"max_batch_per_chip": best, "max_global_batch": best * chips}
     print(f"largest batch that fits: {best} per {unit} (train.batch_size={best * chips})")
+    smallest = reports[min(n for n, r in reports.items() if r.fits)] if best else None
+    if smallest is not None and smallest.flops_per_image and report.flops_per_image and smallest is not report:
+        # near the memory limit the compiler recomputes activations by itself: FLOPs per image grow
+        extra["max_batch_extra_flops"] = report.flops_per_image / smallest.flops_per_image - 1
+        print(
+            f"FLOPs per image at {best} per {unit}: {extra['max_batch_extra_flops']:+.1%} against "
+            f"{smallest.batch_per_chip} per {unit} (the compiler recomputes activations near the memory limit)"
+        )
     return _finish(report, extra, dry_run.advice(report, cfg))
 
 
