@@ -16,7 +16,9 @@ eighth off a compile's CPU time. The compiled programs are the same (docs/perfor
 A full-size compile takes 3-8 minutes on 2 cores, so the largest batch is predicted from the
 per-image slope of the HBM total between two batch sizes (8 and 16 per chip; 8 and 32 for the
 ns1 memory setting, whose memory per image falls as batches grow) and, for the ns1 memory
-setting, confirmed by one more compile. Ten compiles, each in its own process, two at a time
+setting, confirmed by one more compile. A predicted batch is where memory along that line runs
+out: near the limit XLA recomputes activations by itself and fits more, at more FLOPs, so it is
+a lower bound (docs/performance.md). Ten compiles, each in its own process, two at a time
 (--jobs); docs/performance.md has the run's time on 2 cores. --only runs a part. Ends with one
 JSON line.
 
