@@ -110,7 +110,7 @@ def _search(used, start, truth_limit=None, report=None):
     return dry_run.largest_fitting(measure, CAPACITY, start=start), asked
 
 
-def _truth(used, limit=1 << 16):
+def _truth(used):
     return max((n for n in range(1, 4096) if used(n) <= CAPACITY), default=0)
 
 
