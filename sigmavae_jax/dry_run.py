@@ -535,8 +535,10 @@ def advice(report: Report, cfg: Config) -> str:
     if not cfg.train.remat:
         hints.append(
             "set train.remat=blocks (recompute the ResnetBlocks' activations in the backward pass, about "
-            "14% more FLOPs) or train.remat=true (least memory, about 18% more)"
+            "14% more FLOPs) or train.remat=true (less memory, about 18% more)"
         )
+    elif cfg.train.remat != "nested":
+        hints.append("set train.remat=nested (least memory: the lower resolutions recomputed twice)")
     if cfg.train.compute_dtype != "bfloat16":
         hints.append("set train.compute_dtype=bfloat16")
     if cfg.train.mesh_fsdp == 1 and report.tpu_slice.chips > 1:

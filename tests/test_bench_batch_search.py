@@ -1,5 +1,5 @@
 """The benches' search for the largest batch per chip (bench/tpu_dry_run.py), on made-up
-memory lines instead of compiles: the prediction from two points and the step-down."""
+memory lines instead of compiles: the prediction from two points, the step-down and the search from above."""
 
 import importlib.util
 import pathlib
@@ -43,3 +43,25 @@ def test_when_nothing_fits_the_search_ends_at_one_per_chip_and_says_it_does_not_
     at = {}
     found = tpu_dry_run.fitting_at_or_below(5, lambda batch: figures(batch, 20.0, 0.1), at)
     assert found == 1 and not at[1]["fits"]
+
+
+def test_the_search_from_above_finds_the_largest_batch_with_at_most_two_that_fit():
+    for largest in (1, 7, 39, 72, 100, 149):
+        compiled = []
+
+        def compile_at(batch):  # fits up to `largest`, whatever the line said
+            compiled.append(batch)
+            return {"fits": batch <= largest}
+
+        at = {}
+        found = tpu_dry_run.largest_from_above(150, compile_at, at)
+        assert found == largest, (largest, compiled)
+        assert sum(batch <= largest for batch in compiled) <= 2
+        assert sorted(at) == sorted(compiled) and len(set(compiled)) == len(compiled)
+        if largest >= 39:  # steps of 4% (of one, below 25): far fewer compiles than a step of one
+            assert len(compiled) <= 40, compiled
+
+
+def test_the_search_from_above_says_when_its_start_fits_and_when_nothing_does():
+    assert tpu_dry_run.largest_from_above(40, lambda batch: {"fits": True}, {}) == 40
+    assert tpu_dry_run.largest_from_above(40, lambda batch: {"fits": False}, {}) == 0

@@ -265,6 +265,19 @@ def test_a_step_that_does_not_fit_exits_non_zero_and_says_what_to_change(capsys)
         assert hint in captured.err
 
 
+def test_the_advice_goes_on_to_the_remat_setting_with_less_memory():
+    """With train.remat=true or blocks the advice names train.remat=nested; with nested, no
+    remat setting is left to name."""
+    from sigmavae_jax import dry_run, topology
+    from sigmavae_jax.config import load_config
+
+    refused = dry_run.Report("step", topology.parse_slice("v5litepod-1"), 4, {}, total=2**40, fits=False)
+    for remat, names in (("true", True), ("blocks", True), ("nested", False)):
+        said = dry_run.advice(refused, load_config("tiny", [f"train.remat={remat}"]))
+        assert ("train.remat=nested" in said) == names, said
+        assert "train.batch_size" in said
+
+
 def test_eval_dry_run_reports_encode_and_decode(capsys):
     code = eval_cli.main(
         [

@@ -345,14 +345,15 @@ def test_cpu_mesh_step_is_the_cpu_program(setting, conditionals, cpu_kernels):
 
 def test_remat_settings_give_the_same_gradients_and_keep_less():
     """train.remat: False keeps every activation, "convs" the blocks' inputs and conv outputs,
-    True the blocks' inputs only, "blocks" everything but the levels' ResnetBlocks' insides;
-    the gradients are the same (XLA kernels, as on a TPU)."""
+    True the blocks' inputs only, "blocks" everything but the levels' ResnetBlocks' insides,
+    "nested" less than True (the units before the last resolution kept as one input); the
+    gradients are the same (XLA kernels, as on a TPU)."""
     from sigmavae_jax.models.autoencoder import AutoencoderKL
 
     model_cfg = tiny_config().model
     x = jnp.asarray(images((1, 16, 16, 3), seed=4))
     grads, kept = {}, {}
-    for remat in (False, "convs", True, "blocks"):
+    for remat in (False, "convs", True, "blocks", "nested"):
         graph, params = nnx.split(AutoencoderKL(model_cfg, rngs=nnx.Rngs(0), remat=remat, kernels=kernels.XLA))
 
         def loss(params):
@@ -362,11 +363,12 @@ def test_remat_settings_give_the_same_gradients_and_keep_less():
             pullback = jax.jit(lambda p: jax.vjp(loss, p)[1])(params)  # a pytree: its leaves are what is kept
             grads[remat] = jax.jit(lambda pullback: pullback(jnp.ones(()))[0])(pullback)
         kept[remat] = sum(leaf.size for leaf in jax.tree.leaves(pullback))
-    for remat in ("convs", True, "blocks"):
+    for remat in ("convs", True, "blocks", "nested"):
         for got, want in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads[False])):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     assert kept[True] < kept["convs"] < kept[False]
     assert kept[True] < kept["blocks"] < kept[False]
+    assert kept["nested"] < kept[True]
 
 
 def test_a_remat_model_closed_over_by_jax_grad_gives_the_plain_gradient():
@@ -378,12 +380,12 @@ def test_a_remat_model_closed_over_by_jax_grad_gives_the_plain_gradient():
     model_cfg = tiny_config().model
     x = jnp.asarray(images((1, 16, 16, 3), seed=5))
     grads = {}
-    for remat in (False, True, "blocks"):
+    for remat in (False, True, "blocks", "nested"):
         model = AutoencoderKL(model_cfg, rngs=nnx.Rngs(0), remat=remat, kernels=kernels.XLA)
         with jax.default_matmul_precision("highest"):
             grads[remat] = np.asarray(jax.grad(lambda x: jnp.mean(jnp.abs(model(x)[0] - x)))(x))
     assert np.abs(grads[False]).max() > 0
-    for remat in (True, "blocks"):
+    for remat in (True, "blocks", "nested"):
         np.testing.assert_allclose(grads[remat], grads[False], rtol=1e-5, atol=1e-7)
 
 
@@ -401,3 +403,24 @@ def test_remat_units_join_resamplers_to_the_block_on_their_small_side():
     recomputed = [[index for _, index, _ in run] for flag, run in remat_plan(steps, "blocks") if flag]
     assert recomputed == [[1], [2], [6]]
     assert [len(run) for _, run in remat_plan(steps, "blocks")] == [1] * len(steps)
+
+
+def test_nested_remat_cuts_before_the_last_resolution():
+    """remat="nested" recomputes as one run the units before the last resolution: up to the
+    unit a Downsample trails (the encoder), or before the one an Upsample leads (the decoder)."""
+    from sigmavae_jax.config import load_config
+    from sigmavae_jax.models.autoencoder import AutoencoderKL, split_at_final_resolution
+    from sigmavae_jax.models.layers import Downsample, ResnetBlock, Upsample
+
+    model = nnx.eval_shape(lambda: AutoencoderKL(load_config("sd").model, rngs=nnx.Rngs(0), kernels=kernels.XLA))
+    encoder_steps = [(None, model.encoder.conv_in, "lead")] + [s for level in model.encoder.down for s in level.steps()]
+    before, final = split_at_final_resolution(encoder_steps)
+    assert isinstance(before[-1][1], Downsample) and before[-1][1] is model.encoder.down[2].downsample
+    assert [s[1] for s in final] == list(model.encoder.down[3].block)
+    decoder = model.decoder
+    decoder_steps = [s for level in reversed(decoder.up) for s in level.steps()] + [(None, decoder.norm_out, "tail")]
+    before, final = split_at_final_resolution(decoder_steps)
+    assert before[-1][1] is decoder.up[1].block[-1]
+    assert [s[1] for s in final] == [decoder.up[1].upsample, *decoder.up[0].block, decoder.norm_out]
+    assert all(isinstance(s[1], ResnetBlock) for s in final[1:-1]) and isinstance(final[0][1], Upsample)
+    assert split_at_final_resolution(decoder.mid.steps()) == ([], decoder.mid.steps())

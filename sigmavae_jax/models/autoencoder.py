@@ -26,12 +26,13 @@ from sigmavae_jax.models.layers import (
 )
 from sigmavae_jax.models.recompute import recomputed
 
-Remat = bool | str  # False | True | "convs" | "blocks" (see config.TrainConfig.remat)
+Remat = bool | str  # False | True | "convs" | "blocks" | "nested" (see config.TrainConfig.remat)
 # What a recomputed unit saves for its backward pass, besides its input.
 REMAT_POLICIES = {
     True: jax.checkpoint_policies.nothing_saveable,
     "convs": jax.checkpoint_policies.dots_saveable,
     "blocks": jax.checkpoint_policies.nothing_saveable,
+    "nested": jax.checkpoint_policies.nothing_saveable,
 }
 BLOCK_KINDS = ("block", "mid")
 
@@ -53,7 +54,7 @@ def _norm_silu(norm: nnx.Module, x: jax.Array) -> jax.Array:
 
 def check_remat(remat: Remat) -> None:
     if remat and remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={remat!r} unknown; use False, True, 'convs' or 'blocks'")
+        raise ValueError(f"remat={remat!r} unknown; use False, True, 'convs', 'blocks' or 'nested'")
 
 
 def remat_units(steps: list[Step]) -> list[list[Step]]:
@@ -87,9 +88,41 @@ def remat_plan(steps: list[Step], remat: Remat) -> list[tuple[bool, list[Step]]]
     return [(True, unit) for unit in remat_units(steps)]
 
 
+def split_at_final_resolution(steps: list[Step]) -> tuple[list[Step], list[Step]]:
+    """`steps` as (the units whose output is below or above the last resolution, the units
+    whose output is at it), cut between `remat_units` units after the last resampler's
+    change of resolution: before the unit an `Upsample` leads, after the one a `Downsample`
+    trails. ([], steps) when no step resamples."""
+    units = remat_units(steps)
+    cut = 0
+    for index, unit in enumerate(units):
+        for _, module, _ in unit:
+            if isinstance(module, Upsample):
+                cut = index
+            elif isinstance(module, Downsample):
+                cut = index + 1
+    return [step for unit in units[:cut] for step in unit], [step for unit in units[cut:] for step in unit]
+
+
+def _run_units(fns_and_kinds: tuple[tuple[Callable, str], ...], modules: tuple[nnx.Module, ...], x: jax.Array):
+    steps = [(fn, module, kind) for (fn, kind), module in zip(fns_and_kinds, modules)]
+    return run_steps(steps, x, True)
+
+
 def run_steps(steps: list[Step], x: jax.Array, remat: Remat = False) -> jax.Array:
     """The steps in order; the runs `remat_plan` marks are recomputed in the backward pass
-    (keeping, besides each run's input, what REMAT_POLICIES[remat] saves)."""
+    (keeping, besides each run's input, what REMAT_POLICIES[remat] saves).
+
+    remat="nested" recomputes the units as True does and, around them, the units before the
+    last resolution (`split_at_final_resolution`) as one run, so that while the units at the
+    last resolution go backwards only that run's input is kept of it; its units' forward pass
+    is then computed three times."""
+    if remat == "nested":
+        before, final = split_at_final_resolution(steps)
+        if before:
+            fn = functools.partial(_run_units, tuple((s[0], s[2]) for s in before))
+            x = recomputed(fn, tuple(s[1] for s in before), x, policy=REMAT_POLICIES[remat])
+        return run_steps(final, x, True)
     for recompute, run in remat_plan(steps, remat):
         fn, modules = functools.partial(_run_unit, tuple(s[0] for s in run)), tuple(s[1] for s in run)
         x = recomputed(fn, modules, x, policy=REMAT_POLICIES[remat]) if recompute else fn(modules, x)
@@ -237,8 +270,8 @@ class AutoencoderKL(nnx.Module):
 
     Images are NHWC floats in [-1, 1]; latents are NHWC and unscaled (see `scale`).
     `dtype` is the compute dtype (parameters stay float32); `remat` (True, "convs" to keep the
-    conv outputs, or "blocks") recomputes activations in the backward pass (`remat_plan`) to
-    save memory at high resolution; `kernels` computes
+    conv outputs, "blocks" or "nested") recomputes activations in the backward pass
+    (`run_steps`) to save memory at high resolution; `kernels` computes
     the convolutions (`sigmavae_jax.kernels`; the same parameters and maths either way).
     """
 
