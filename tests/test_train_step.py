@@ -290,27 +290,30 @@ def test_bfloat16_step_stays_finite_and_learns():
 
 
 def test_memory_setting_step_equals_the_plain_step():
-    """train.remat=blocks (the levels' blocks and LPIPS recomputed in the backward pass) takes
-    the same step as no remat: the same losses, gradient norm and updated parameters (Adam's
-    eps far above the gradients makes the update linear in them, not their signs)."""
+    """train.remat=blocks and nested (blocks, or units and runs of units, and LPIPS recomputed
+    in the backward pass) take the same step as no remat: the same losses, gradient norm and
+    updated parameters (Adam's eps far above the gradients makes the update linear in them,
+    not their signs)."""
     x = images((BATCH, SIZE, SIZE, 3), seed=7)
     mesh = single_device_mesh()
     results = {}
     with jax.default_matmul_precision("highest"):
-        for remat in ("false", "blocks"):
+        for remat in ("false", "blocks", "nested"):
             cfg = tiny_config(f"train.remat={remat}", "train.kernels=xla", "optim.eps=1.0", "optim.lr=1.0")
             results[remat] = run(cfg, mesh, [x])
-    (plain_state, [plain]), (state, [metrics]) = results["false"], results["blocks"]
+    plain_state, [plain] = results["false"]
     assert float(plain["loss/lpips"]) > 0
-    for key in ("loss/pixel", "loss/lpips", "loss/rec", "grad_norm"):
-        np.testing.assert_allclose(metrics[key], plain[key], rtol=1e-5)
     initial = setup(cfg, mesh)[0].params
     moved = max(
         float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(plain_state.params), jax.tree.leaves(initial))
     )
     assert moved > 1e-2  # the step moved the parameters far more than the tolerance below
-    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain_state.params)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-4)
+    for remat in ("blocks", "nested"):
+        state, [metrics] = results[remat]
+        for key in ("loss/pixel", "loss/lpips", "loss/rec", "grad_norm"):
+            np.testing.assert_allclose(metrics[key], plain[key], rtol=1e-5)
+        for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain_state.params)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-4)
 
 
 def test_non_finite_batch_is_skipped_and_changes_nothing():
