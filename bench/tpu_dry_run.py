@@ -278,7 +278,7 @@ def fitting_at_or_below(guess: int, compile_at: Callable[[int], dict], at: dict[
 
 def largest_from_above(start: int, compile_at: Callable[[int], dict], at: dict[int, dict], step: float = 0.04) -> int:
     """The largest per-chip batch at or below `start` that fits, searched from above, for the TPU
-    compiler's costs: a program over HBM is refused in seconds, one that fits takes minutes. The
+    compiler's costs: a program over HBM is mostly refused in seconds, one that fits takes minutes. The
     batch falls by `step` of itself while refused, then, from just below the smallest refused,
     by one: so at most two compiles fit. compile_at(batch) -> figures, recorded in `at`; returns
     0 when 1 per chip does not fit, `start` when it fits (the largest is then at least that)."""

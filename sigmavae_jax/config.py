@@ -150,13 +150,13 @@ class TrainConfig(_Strict):
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     # What the autoencoder keeps for the backward pass: false, everything; true, the input of
     # each recomputed unit only (a ResnetBlock or attention block with the Upsample or conv_in
-    # before it and the Downsample or output norm after it: least memory, ~20% more FLOPs);
+    # before it and the Downsample or output norm after it: less memory, ~20% more FLOPs);
     # "blocks", the input of each resolution level's ResnetBlock and everything else (the
     # resamplers, conv_in and the latent-resolution blocks are not recomputed: ~12% more FLOPs);
     # "convs", the units' inputs and the convolutions' outputs (GroupNorm and SiLU recomputed);
     # "nested", as true, and the units before the encoder's and the decoder's last resolution
     # are recomputed once more as one run, so only its input is kept while the last resolution
-    # goes backwards (less memory still, ~40% more FLOPs).
+    # goes backwards (least memory, ~40% more FLOPs).
     # Any of them also recomputes LPIPS's VGG stages and heads (~2% more FLOPs).
     remat: bool | Literal["convs", "blocks", "nested"] = False
     # How convolutions and the GAN's branches are computed (sigmavae_jax.kernels): "auto" picks
