@@ -416,13 +416,11 @@ def test_nested_remat_cuts_before_the_last_resolution():
     from sigmavae_jax.models.layers import Downsample, ResnetBlock, Upsample
 
     model = nnx.eval_shape(lambda: AutoencoderKL(load_config("sd").model, rngs=nnx.Rngs(0), kernels=kernels.XLA))
-    encoder_steps = [(None, model.encoder.conv_in, "lead")] + [s for level in model.encoder.down for s in level.steps()]
-    before, final = split_at_final_resolution(encoder_steps)
+    before, final = split_at_final_resolution(model.encoder.downsample_steps())
     assert isinstance(before[-1][1], Downsample) and before[-1][1] is model.encoder.down[2].downsample
     assert [s[1] for s in final] == list(model.encoder.down[3].block)
     decoder = model.decoder
-    decoder_steps = [s for level in reversed(decoder.up) for s in level.steps()] + [(None, decoder.norm_out, "tail")]
-    before, final = split_at_final_resolution(decoder_steps)
+    before, final = split_at_final_resolution(decoder.upsample_steps())
     assert before[-1][1] is decoder.up[1].block[-1]
     assert [s[1] for s in final] == [decoder.up[1].upsample, *decoder.up[0].block, decoder.norm_out]
     assert all(isinstance(s[1], ResnetBlock) for s in final[1:-1]) and isinstance(final[0][1], Upsample)

@@ -192,10 +192,13 @@ class Encoder(nnx.Module):
         self.norm_out = GroupNorm(block_in, num_groups=groups, model_dtype=dtype, rngs=rngs)
         self.conv_out = conv(block_in, 2 * cfg.z_channels, 3, dtype=dtype, kernels=kernels, rngs=rngs)
 
+    def downsample_steps(self) -> list[Step]:
+        """conv_in and the levels as steps of a forward pass (see `run_steps`)."""
+        return [(_call, self.conv_in, "lead")] + [step for level in self.down for step in level.steps()]
+
     def downsample_features(self, x: jax.Array) -> jax.Array:
         """conv_in and the levels: the local part, (B, H/f, W/f, ch * ch_mult[-1])."""
-        steps = [(_call, self.conv_in, "lead")] + [step for level in self.down for step in level.steps()]
-        return run_steps(steps, x, self.remat)
+        return run_steps(self.downsample_steps(), x, self.remat)
 
     def moments_from_features(self, h: jax.Array) -> jax.Array:
         """The mid block (global attention) and the output head."""
@@ -236,10 +239,14 @@ class Decoder(nnx.Module):
         """conv_in and the mid block (global attention), at the latent resolution."""
         return run_steps([(_call, self.conv_in, "lead"), *self.mid.steps()], z, self.remat)
 
+    def upsample_steps(self) -> list[Step]:
+        """The levels, lowest resolution first, and the output norm as steps of a forward pass
+        (see `run_steps`)."""
+        return [step for level in reversed(self.up) for step in level.steps()] + [(_norm_silu, self.norm_out, "tail")]
+
     def upsample_features(self, h: jax.Array) -> jax.Array:
         """The levels and the norm: the local part, up to conv_out's input."""
-        steps = [step for level in reversed(self.up) for step in level.steps()]
-        return run_steps([*steps, (_norm_silu, self.norm_out, "tail")], h, self.remat)
+        return run_steps(self.upsample_steps(), h, self.remat)
 
 
 def check_image_shape(cfg: ModelConfig, shape: tuple[int, ...]) -> None:
