@@ -27,12 +27,13 @@ import json
 import pathlib
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tpu_dry_run  # noqa: E402  (the one-compile machinery both benches share)
 
 PROGRAMS = ("ns1", "vae")
-BATCHES = tpu_dry_run.BATCHES  # (8, 16) per GPU
+BATCHES = (8, 16)  # per GPU: the reported batch, and the second point of the memory slope
 
 
 def plugin_path(given: str | None) -> tuple[str, ...]:
@@ -54,16 +55,33 @@ def plugin_path(given: str | None) -> tuple[str, ...]:
     )
 
 
+def predicted_largest(at: dict[int, dict]) -> int:
+    """The largest batch under MARGIN x memory on the line through the first two measured totals."""
+    (b1, f1), (b2, f2) = sorted(at.items())[:2]
+    slope = (f2["hbm_total"] - f1["hbm_total"]) / (b2 - b1)
+    fixed = f1["hbm_total"] - slope * b1
+    return max(1, int((tpu_dry_run.MARGIN * f1["hbm_capacity"] - fixed) // slope))
+
+
+def fitting_at_or_below(guess: int, compile_at: Callable[[int], dict], at: dict[int, dict]) -> int:
+    """Compile at `guess` (compile_at(batch) -> figures, recorded in `at`), stepping down by about
+    a sixteenth while it does not fit; returns the last batch compiled (1 at the least, whether or
+    not it fits: its figures say)."""
+    result = at[guess] = compile_at(guess)
+    while not result["fits"] and guess > 1:
+        guess = max(1, guess - max(1, guess // 16))
+        result = at[guess] = compile_at(guess)
+    return guess
+
+
 def largest(name: str, gpu: str, at: dict[int, dict], extra: tuple[str, ...]) -> int:
     """The largest batch per GPU: predicted from the slope between 8 and 16, then compiled;
     stepped down while it does not fit. When it fits, the line through 8 and the confirmed
     point predicts again, and a larger prediction is compiled once more."""
-    guess = tpu_dry_run.fitting_at_or_below(
-        tpu_dry_run.predicted_largest(at), lambda batch: tpu_dry_run.run_one(name, gpu, batch, extra), at
-    )
+    guess = fitting_at_or_below(predicted_largest(at), lambda batch: tpu_dry_run.run_one(name, gpu, batch, extra), at)
     if not at[guess]["fits"]:
         return 0
-    refined = tpu_dry_run.predicted_largest({b: at[b] for b in (BATCHES[0], guess)})
+    refined = predicted_largest({b: at[b] for b in (BATCHES[0], guess)})
     if refined > guess:
         again = at[refined] = tpu_dry_run.run_one(name, gpu, refined, extra)
         if again["fits"]:

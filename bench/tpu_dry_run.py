@@ -9,19 +9,22 @@ programs' own analyses, the roofline-bound images/s and the largest batch per ch
   way, ours also with its memory setting (train.remat=nested: the largest batch; --vae-remat).
   The peer is installed into bench/.peer (pip --target), not into our environment.
 
+HBM, FLOPs and bytes are compared at 8 images per chip. The largest batches (the memory
+settings' and the peer's) are searched from above (largest_from_above, from --search-from per
+chip), for the TPU compiler's costs: a compile that fits takes 3-13 minutes on 2 cores, one over
+HBM is mostly refused in seconds, with the memory it needed, which sets the next batch tried.
+So each search compiles one program that fits (two where the compiler's code pushes a
+program over HBM only at the end of its compile), and finds the largest batch to within 4%
+(the table shows the smallest refused batch). Near the limit the compiler recomputes
+activations by itself and fits more than a line through two batch sizes predicts, so a
+prediction would not do; the FLOPs per image are reported at the batch found too.
+
 Each compile runs with mimalloc preloaded (installed into bench/.mimalloc the same way; --allocator
 system for glibc's): libtpu's code generation allocates heavily, and mimalloc takes about an
 eighth off a compile's CPU time. The compiled programs are the same (docs/performance.md).
-
-A full-size compile that fits takes 3-13 minutes on 2 cores; one over HBM is refused in seconds.
-Near the limit the compiler recomputes activations by itself, so memory stops growing along the
-line through two batch sizes and more fits than the line predicts. The VAE comparison's largest
-batches are therefore searched from above (largest_from_above, from twice the prediction of the
-line through 8 and 16 per chip; at most two compiles that fit each) and reported with the FLOPs
-per image compiled at that batch. The ns1 memory setting's is the line's prediction (8 and 32
-per chip) confirmed by one compile: a lower bound, said as "or more". Each measurement is one
-job, two at a time (--jobs), each compile in its own process; docs/performance.md has the run's
-time on 2 cores. --only runs a part. Ends with one JSON line.
+Each search and each compile at 8 per chip is one job, two at a time (--jobs), each compile in
+its own process; docs/performance.md has the run's time on 2 cores. --only runs a part. Ends
+with one JSON line.
 
     python bench/tpu_dry_run.py [--topology v5litepod-4 v5litepod-16] [--jobs 2] [--ns1-remat true]
 """
@@ -36,7 +39,7 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PEER_DIR = ROOT / "bench" / ".peer"
@@ -44,26 +47,28 @@ PEER = "diffusers==0.39.0"
 ALLOCATOR_DIR = ROOT / "bench" / ".mimalloc"
 ALLOCATOR = "cmeel-mimalloc==3.4.3"  # mimalloc's shared library in a wheel
 SIZE = 256
-BATCHES = (8, 16)  # per chip: the reported batch, and the second point of the memory slope
-# The batches compiled first, by how a measurement finds its largest batch (MEASUREMENTS): a
-# confirmed slope's second point lies further out, so that one confirming compile suffices.
-SLOPE_BATCHES = {"searched": BATCHES, "confirmed": (BATCHES[0], 32), None: BATCHES[:1]}
-SEARCH_FROM = 2  # x the line's prediction: where the search from above starts
+REPORTED_BATCH = 8  # per chip: where HBM, FLOPs and bytes per image are compared
+SEARCH_FROM = 256  # per chip: where the searches for the largest batch start (--search-from)
+SEARCH_STEP = 0.04  # the least a refused batch takes the search down, as a fraction of itself
 MARGIN = 0.985  # of the datasheet HBM: the compiler keeps a little for itself (15.75 of 16 GiB on v5e)
 
-# name -> (what it compiles, config overrides, how its largest batch is found: "searched" by
-# compiling from above (largest_from_above, from SEARCH_FROM x the prediction of the line through
-# BATCHES: near the limit the compiler recomputes by itself and fits more than the line says),
-# "confirmed" by one compile at the prediction of the line through SLOPE_BATCHES["confirmed"] (a
-# lower bound), or None: not at all). The VAE comparison is searched; the ns1 memory setting, whose
-# target a lower bound meets, is confirmed. {ns1_remat} and {vae_remat} are the memory settings
-# (REMAT_SETTINGS, or the command line's). Listed longest first: each runs as one job.
+
+class Measurement(NamedTuple):
+    program: str  # "step" (configs/nextstep1_f8c16.yaml), "vae" (ours, SD config) or "peer"
+    overrides: tuple[str, ...]  # config overrides; {ns1_remat} and {vae_remat}: the memory settings
+    at_reported_batch: bool  # compiled at REPORTED_BATCH per chip
+    searched: bool  # its largest batch per chip searched (largest_from_above)
+
+
+# Listed longest first: each search and each compile at REPORTED_BATCH runs as one job. The VAE
+# memory setting is compiled only where its search takes it: its comparison with the peer is the
+# largest batch, with each program's FLOPs per image there.
 MEASUREMENTS = {
-    "vae_remat": ("vae", ["train.remat={vae_remat}"], "searched"),
-    "peer": ("peer", [], "searched"),
-    "ns1_remat": ("step", ["train.remat={ns1_remat}"], "confirmed"),
-    "ns1": ("step", [], None),
-    "vae": ("vae", [], None),
+    "ns1_remat": Measurement("step", ("train.remat={ns1_remat}",), True, True),
+    "peer": Measurement("peer", (), True, True),
+    "vae_remat": Measurement("vae", ("train.remat={vae_remat}",), False, True),
+    "ns1": Measurement("step", (), True, False),
+    "vae": Measurement("vae", (), True, False),
 }
 # The memory settings: for ns1 the one that saves the most within issue 12's 15% more FLOPs, for
 # the VAE the one with the largest batch (its comparison has no FLOPs limit).
@@ -160,8 +165,8 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
     from sigmavae_jax.config import load_config
     from sigmavae_jax.kernels import select
 
-    kind, overrides, _ = MEASUREMENTS[name]
-    overrides = [item.format(**remat_settings()) for item in overrides]
+    kind = MEASUREMENTS[name].program
+    overrides = [item.format(**remat_settings()) for item in MEASUREMENTS[name].overrides]
     tpu_slice = topology.parse_slice(topology_name)
     if kind == "step":
         cfg = load_config(
@@ -236,7 +241,7 @@ def allocator_library() -> str | None:
 def run_one(name: str, topology_name: str, per_chip: int, extra_path: tuple[str, ...] = ()) -> dict:
     """One compile in a process of its own; extra_path: folders put on its PYTHONPATH."""
     env = dict(os.environ)
-    paths = [*extra_path, *([str(PEER_DIR)] if MEASUREMENTS[name][0] == "peer" else [])]
+    paths = [*extra_path, *([str(PEER_DIR)] if MEASUREMENTS[name].program == "peer" else [])]
     if paths:
         env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     start = time.perf_counter()
@@ -257,46 +262,40 @@ def run_one(name: str, topology_name: str, per_chip: int, extra_path: tuple[str,
     return figures
 
 
-def predicted_largest(at: dict[int, dict]) -> int:
-    """The largest per-chip batch under MARGIN x HBM on the line through the two measured totals."""
-    (b1, f1), (b2, f2) = sorted(at.items())[:2]
-    slope = (f2["hbm_total"] - f1["hbm_total"]) / (b2 - b1)
-    fixed = f1["hbm_total"] - slope * b1
-    return max(1, int((MARGIN * f1["hbm_capacity"] - fixed) // slope))
+def largest_from_above(
+    start: int, compile_at: Callable[[int], dict], at: dict[int, dict], step: float = SEARCH_STEP
+) -> int:
+    """The largest per-chip batch that fits, from below: the first that fits in a search down from
+    `start`, for the TPU compiler's costs (a program over HBM is mostly refused in seconds, with
+    the memory it needed; one that fits takes minutes). compile_at(batch) -> figures ("fits",
+    "hbm_total", "hbm_capacity"), recorded in `at`. Returns 0 when 1 per chip does not fit, `start` when it fits.
 
-
-def fitting_at_or_below(guess: int, compile_at: Callable[[int], dict], at: dict[int, dict]) -> int:
-    """Compile at `guess` per chip (compile_at(batch) -> figures, recorded in `at`), stepping down by
-    about a sixteenth while it does not fit; returns the last batch compiled (1 at the least,
-    whether or not it fits: its figures say)."""
-    result = at[guess] = compile_at(guess)
-    while not result["fits"] and guess > 1:
-        guess = max(1, guess - max(1, guess // 16))
-        result = at[guess] = compile_at(guess)
-    return guess
-
-
-def largest_from_above(start: int, compile_at: Callable[[int], dict], at: dict[int, dict], step: float = 0.04) -> int:
-    """The largest per-chip batch at or below `start` that fits, searched from above, for the TPU
-    compiler's costs: a program over HBM is mostly refused in seconds, one that fits takes minutes. The
-    batch falls by `step` of itself while refused, then, from just below the smallest refused,
-    by one: so at most two compiles fit. compile_at(batch) -> figures, recorded in `at`; returns
-    0 when 1 per chip does not fit, `start` when it fits (the largest is then at least that)."""
-    batch, refused = max(1, start), None
+    A refused batch B needing M bytes is followed by (1 - step) x the lesser of B and
+    B x (MARGIN x HBM) / M: far above the limit the refusal's own figure takes the search down in
+    one compile, near it the search steps down. It aims `step` under the limit because a compile
+    just over it after code generation costs as much as one that fits, and does not end the
+    search. It ends at the first batch that fits, with one compile that fits (two where one is
+    refused late): the largest lies between it and the smallest refused batch above it
+    (smallest_refused_above). Where memory grows less than in proportion to the batch (a fixed
+    part, the compiler's own recomputation near the limit), B x (MARGIN x HBM) / M is at or above
+    the largest batch, so the batch found is within `step` of it; the compiler's figures do not
+    always grow so (docs/performance.md), hence the bracket.
+    """
+    batch = max(1, start)
     while True:
         result = at[batch] = compile_at(batch)
         if result["fits"]:
-            break
+            return batch
         if batch == 1:
             return 0
-        refused, batch = batch, max(1, min(batch - 1, int(batch * (1 - step))))
-    if refused is None or refused - batch == 1:
-        return batch
-    for above in range(refused - 1, batch, -1):
-        result = at[above] = compile_at(above)
-        if result["fits"]:
-            return above
-    return batch
+        needed = result["hbm_total"]  # 0 where the compiler said nothing: then down by `step`
+        in_proportion = batch * MARGIN * result["hbm_capacity"] / needed if needed else batch
+        batch = max(1, min(batch - 1, int((1 - step) * min(batch, in_proportion))))
+
+
+def smallest_refused_above(at: dict[int, dict], batch: int) -> int | None:
+    """The smallest batch in `at` above `batch` that did not fit (None when there is none)."""
+    return min((b for b, figures in at.items() if b > batch and not figures["fits"]), default=None)
 
 
 def main() -> None:
@@ -312,6 +311,12 @@ def main() -> None:
         help="the compiling processes' malloc (default: mimalloc, preloaded; the same programs, faster)",
     )
     parser.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), default=list(MEASUREMENTS))
+    parser.add_argument(
+        "--search-from",
+        type=int,
+        default=SEARCH_FROM,
+        help=f"per-chip batch where the searches for the largest batch start (default: {SEARCH_FROM})",
+    )
     for name, value in REMAT_SETTINGS.items():
         parser.add_argument(
             f"--{name.replace('_', '-')}",
@@ -334,76 +339,88 @@ def main() -> None:
     if library:  # the compiling processes inherit it
         os.environ["LD_PRELOAD"] = os.pathsep.join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
     start = time.perf_counter()
-    figures: dict[tuple[str, str], dict[int, dict]] = {}
+    figures: dict[tuple[str, str], dict[int, dict]] = {}  # (name, topology) -> batch per chip -> figures
     largest: dict[tuple[str, str], int] = {}
 
-    def measure(key) -> None:
-        """Its first batches, then its largest batch as MEASUREMENTS says, into figures and largest."""
-        at, found = figures.setdefault(key, {}), MEASUREMENTS[key[0]][2]
-        for batch in SLOPE_BATCHES[found]:
-            at[batch] = run_one(*key, batch)
-        if found == "searched":
-            largest[key] = largest_from_above(SEARCH_FROM * predicted_largest(at), lambda b: run_one(*key, b), at)
-        elif found == "confirmed":
-            largest[key] = fitting_at_or_below(predicted_largest(at), lambda b: run_one(*key, b), at)
+    def search(key) -> None:
+        at = figures.setdefault(key, {})
+        largest[key] = largest_from_above(args.search_from, lambda batch: run_one(*key, batch), at)
 
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        jobs = [
-            pool.submit(measure, (name, topo)) for topo in args.topology for name in MEASUREMENTS if name in args.only
-        ]
+    def compile_reported(key) -> None:
+        figures.setdefault(key, {})[REPORTED_BATCH] = run_one(*key, REPORTED_BATCH)
+
+    keys = [(name, topo) for topo in args.topology for name in MEASUREMENTS if name in args.only]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # the searches first: the longest jobs
+        jobs = [pool.submit(search, key) for key in keys if MEASUREMENTS[key[0]].searched]
+        jobs += [pool.submit(compile_reported, key) for key in keys if MEASUREMENTS[key[0]].at_reported_batch]
         for job in jobs:
             job.result()
     print(f"\n{time.perf_counter() - start:.0f} s of compiles\n")
 
-    summary = {}
+    def described(figures_at: dict | None) -> list[str]:
+        """HBM per chip, TFLOP and GB per image, roofline images/s per chip, or dashes."""
+        if not figures_at:
+            return ["-"] * 4
+        return [
+            f"{figures_at['hbm_total'] / 2**30:.2f} GiB",
+            f"{figures_at['flops_per_image'] / 1e12:.3f}",
+            f"{figures_at['bytes_per_image'] / 1e9:.2f}",
+            f"{figures_at['roofline_images_per_s_per_chip']:.1f} ({figures_at['bound']})",
+        ]
+
     for topo in args.topology:
         print(
-            f"| {topo} | HBM at {BATCHES[0]}/chip | TFLOP/image | GB/image | roofline images/s/chip "
-            "| largest batch/chip | TFLOP/image there |"
+            f"| {topo} | HBM at {REPORTED_BATCH}/chip | TFLOP/image | GB/image | roofline images/s/chip "
+            "| largest batch/chip (smallest refused) | HBM there | TFLOP/image there | GB/image there |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name in args.only:
-            at = figures[(name, topo)][BATCHES[0]]
-            rate = at["roofline_images_per_s_per_chip"]
-            found = MEASUREMENTS[name][2]
-            batch, there = "-", "-"
-            if found:
+            at = figures[(name, topo)]
+            cells = described(at.get(REPORTED_BATCH))
+            if MEASUREMENTS[name].searched and largest[(name, topo)]:
                 most = largest[(name, topo)]
-                batch = f"{most} ({found})" + (
-                    " or more" if found == "confirmed" or most == max(figures[(name, topo)]) else ""
-                )
-                there = f"{figures[(name, topo)][most]['flops_per_image'] / 1e12:.3f}" if most else "-"
+                refused = smallest_refused_above(at, most)
+                there = described(at[most])
+                cells += [f"{most} ({refused})" if refused else f"{most} or more", there[0], there[1], there[2]]
+            elif MEASUREMENTS[name].searched:
+                cells += ["none fits", "-", "-", "-"]
+            else:
+                cells += ["-"] * 4
             label = f"{name} (train.remat={settings[name]})" if name in settings else name
-            print(
-                f"| {label} | {at['hbm_total'] / 2**30:.2f} GiB | {at['flops_per_image'] / 1e12:.3f} "
-                f"| {at['bytes_per_image'] / 1e9:.2f} | {rate:.1f} ({at['bound']}) | {batch} | {there} |"
-            )
+            print(f"| {label} | " + " | ".join(cells) + " |")
         print()
     topo = args.topology[0]
 
-    def at8(name, key):
-        return figures[(name, topo)][BATCHES[0]][key]
+    def at_reported(name, key):
+        return figures[(name, topo)][REPORTED_BATCH][key]
 
     def at_largest(name, key):
         return figures[(name, topo)][largest[(name, topo)]][key]
 
+    summary = {}
     if {"ns1", "ns1_remat"} <= set(args.only):
+        default_flops = at_reported("ns1", "flops_per_image")
         summary.update(
             ns1_v5e_max_batch_per_chip=largest[("ns1_remat", topo)],
-            ns1_v5e_memory_setting_extra_flops=at8("ns1_remat", "flops_per_image") / at8("ns1", "flops_per_image") - 1,
-            ns1_v5e_roofline_images_per_s_per_chip=at8("ns1", "roofline_images_per_s_per_chip"),
-            ns1_v5e_bytes_per_image=at8("ns1", "bytes_per_image"),
-            ns1_v5e_flops_per_image=at8("ns1", "flops_per_image"),
-            ns1_v5e_hbm_at_8_per_chip=at8("ns1", "hbm_total"),
+            ns1_v5e_memory_setting_extra_flops=at_reported("ns1_remat", "flops_per_image") / default_flops - 1,
+            ns1_v5e_memory_setting_extra_flops_at_max_batch=at_largest("ns1_remat", "flops_per_image") / default_flops
+            - 1,
+            ns1_v5e_roofline_images_per_s_per_chip=at_reported("ns1", "roofline_images_per_s_per_chip"),
+            ns1_v5e_bytes_per_image=at_reported("ns1", "bytes_per_image"),
+            ns1_v5e_flops_per_image=default_flops,
+            ns1_v5e_hbm_at_8_per_chip=at_reported("ns1", "hbm_total"),
         )
     if {"vae", "vae_remat", "peer"} <= set(args.only):
         summary.update(
-            vae_bytes_per_image_vs_peer=at8("vae", "bytes_per_image") / at8("peer", "bytes_per_image"),
-            vae_flops_per_image_vs_peer=at8("vae", "flops_per_image") / at8("peer", "flops_per_image"),
+            vae_bytes_per_image_vs_peer=at_reported("vae", "bytes_per_image") / at_reported("peer", "bytes_per_image"),
+            vae_flops_per_image_vs_peer=at_reported("vae", "flops_per_image") / at_reported("peer", "flops_per_image"),
             vae_max_batch_vs_peer=largest[("vae_remat", topo)] / largest[("peer", topo)],
             vae_max_batch_per_chip=largest[("vae_remat", topo)],
             peer_max_batch_per_chip=largest[("peer", topo)],
-            vae_memory_setting_extra_flops=at8("vae_remat", "flops_per_image") / at8("vae", "flops_per_image") - 1,
+            # the memory setting at its largest batch, over the default settings at REPORTED_BATCH
+            vae_memory_setting_extra_flops=at_largest("vae_remat", "flops_per_image")
+            / at_reported("vae", "flops_per_image")
+            - 1,
             # each at its largest batch, where the peer's compiler recomputes too
             vae_max_batch_flops_vs_peer=at_largest("vae_remat", "flops_per_image")
             / at_largest("peer", "flops_per_image"),
