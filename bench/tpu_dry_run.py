@@ -13,9 +13,9 @@ HBM, FLOPs and bytes are compared at 8 images per chip. The largest batches (the
 settings' and the peer's) are searched from above (largest_from_above, from --search-from per
 chip), for the TPU compiler's costs: a compile that fits takes 3-13 minutes on 2 cores, one over
 HBM is mostly refused in seconds, with the memory it needed, which sets the next batch tried.
-So each search compiles one program that fits (two where the compiler's code pushes a
-program over HBM only at the end of its compile), and finds the largest batch to within 4%
-(the table shows the smallest refused batch). Near the limit the compiler recomputes
+So each search compiles one program that fits (and one more in full where the compiler's code
+pushes a program over HBM only at the end of its compile), and reports it with the smallest
+refused batch above it: the largest lies between them. Near the limit the compiler recomputes
 activations by itself and fits more than a line through two batch sizes predicts, so a
 prediction would not do; the FLOPs per image are reported at the batch found too.
 
@@ -274,8 +274,8 @@ def largest_from_above(
     B x (MARGIN x HBM) / M: far above the limit the refusal's own figure takes the search down in
     one compile, near it the search steps down. It aims `step` under the limit because a compile
     just over it after code generation costs as much as one that fits, and does not end the
-    search. It ends at the first batch that fits, with one compile that fits (two where one is
-    refused late): the largest lies between it and the smallest refused batch above it
+    search. It ends at the first batch that fits, with one compile that fits (and one more full
+    compile where one is refused late): the largest lies between it and the smallest refused batch above it
     (smallest_refused_above). Where memory grows less than in proportion to the batch (a fixed
     part, the compiler's own recomputation near the limit), B x (MARGIN x HBM) / M is at or above
     the largest batch, so the batch found is within `step` of it; the compiler's figures do not
@@ -381,7 +381,7 @@ def main() -> None:
                 most = largest[(name, topo)]
                 refused = smallest_refused_above(at, most)
                 there = described(at[most])
-                cells += [f"{most} ({refused})" if refused else f"{most} or more", there[0], there[1], there[2]]
+                cells += [f"{most} ({refused})" if refused else f"{most} or more", *there[:3]]
             elif MEASUREMENTS[name].searched:
                 cells += ["none fits", "-", "-", "-"]
             else:
