@@ -408,7 +408,9 @@ def main() -> None:
         return None if a is None or not b else a / b
 
     def extra(a, b):
-        return None if a is None else over(a, b) - 1
+        """a / b - 1, None where either is missing."""
+        ratio = over(a, b)
+        return None if ratio is None else ratio - 1
 
     summary = {}
     if {"ns1", "ns1_remat"} <= set(args.only):
