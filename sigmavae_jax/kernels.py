@@ -3,7 +3,8 @@
 Two sets of kernels compute the same maths:
 
 - `XLA`: plain `lax` operations, which XLA compiles well for TPU and GPU; everything
-  differentiates in forward and reverse mode.
+  differentiates in forward and reverse mode. The nearest-x2 conv's JVP is written by hand, so
+  that its kernel gradient does not need a reversed copy of the cotangent.
 - `CPU`: forms that XLA's CPU backend runs faster. 1x1 convs are matrix products. The kernel
   gradients of 3x3 convs are summed over pieces of the batch and rows. The nearest-x2 conv
   has a hand-written gradient. Both branches of a condition run and one result is selected,
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 SETTINGS: tuple[str, ...] = ("auto", "xla", "cpu")  # what `select` takes (config: train.kernels)
 
@@ -174,18 +176,60 @@ def box_kernel(kernel: jax.Array) -> jax.Array:
     return kernel
 
 
+def _dilated_conv(x: jax.Array, kernel4: jax.Array) -> jax.Array:
+    """(B, H, W, C_in) dilated by 2 under a (4, 4, C_in, C_out) kernel -> (B, 2H, 2W, C_out)."""
+    return jax.lax.conv_general_dilated(
+        x, kernel4, (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2), dimension_numbers=_NHWC
+    )
+
+
+def _dilated_conv_kernel_grad_reversed(cotangent: jax.Array, x: jax.Array) -> jax.Array:
+    """The gradient of `_dilated_conv`'s kernel, with its taps reversed along both axes: the
+    cotangent (padded by 1) under the input as a kernel dilated by 2, contracting over the batch.
+    (4, 4, C_in, C_out)."""
+    return jax.lax.conv_general_dilated(
+        cotangent, x, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(2, 2), dimension_numbers=("CHWN", "IHWO", "HWCN")
+    )
+
+
+@jax.custom_jvp
 def upsampled_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Nearest x2, then a 3x3 conv (padding 1): (B, H, W, C_in) -> (B, 2H, 2W, C_out).
 
     Computed without the x2 image, as one transposed conv: the input dilated by 2 (zeros
     between pixels, which the compiler skips) under `box_kernel`, 16 instead of 36
     multiply-adds per input pixel and channel pair, written straight into the (2H, 2W) output.
-    Its input gradient is a stride-2 conv of the cotangent. Differentiates with XLA's own rules
-    in both modes.
+    Its input gradient is a stride-2 conv of the cotangent. Differentiates in forward and
+    reverse mode (a custom JVP, `_upsampled_conv_jvp`).
     """
-    return jax.lax.conv_general_dilated(
-        x, box_kernel(kernel), (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2), dimension_numbers=_NHWC
-    )
+    return _dilated_conv(x, box_kernel(kernel))
+
+
+def _upsampled_conv_jvp(primals, tangents):
+    """The tangent along the kernel is written as the transpose of the kernel-gradient conv
+    (`_dilated_conv_kernel_grad_reversed`), so that reverse mode, transposing it back, forms the
+    kernel gradient with the input as the dilated kernel. lax's own rule for a kernel under an
+    input-dilated conv makes libtpu reverse the whole (B, 2H, 2W, C_out) cotangent first;
+    this form reverses only the (4, 4) kernel."""
+    x, kernel = primals
+    dx, dkernel = tangents
+    kernel4 = box_kernel(kernel)
+    y = _dilated_conv(x, kernel4)
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(_dilated_conv(dx, kernel4))
+    if not isinstance(dkernel, SymbolicZero):
+        along_kernel = jax.linear_transpose(
+            lambda cotangent: jnp.flip(_dilated_conv_kernel_grad_reversed(cotangent, x), (0, 1)),
+            jax.ShapeDtypeStruct(y.shape, y.dtype),
+        )
+        terms.append(along_kernel(box_kernel(dkernel).astype(y.dtype))[0])
+    if not terms:
+        return y, jnp.zeros_like(y)
+    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+upsampled_conv.defjvp(_upsampled_conv_jvp, symbolic_zeros=True)
 
 
 def _upsampled_conv_one_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -1,6 +1,8 @@
 """The kernel sets compute the written maths: each CPU form and the XLA forms against plain lax,
 values and gradients, and `select` follows the devices, not the host."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,12 @@ from sigmavae_jax import kernels
 from sigmavae_jax.models import layers
 
 
+def _nearest_then_conv(x, kernel):
+    """The written form, independently: repeat rows and columns, then a padded 3x3 conv."""
+    upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return jax.lax.conv_general_dilated(upsampled, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 @pytest.mark.parametrize("upsampled_conv", [kernels.upsampled_conv, kernels.cpu_upsampled_conv])
 def test_upsampled_conv_equals_nearest_upsample_then_conv_with_gradients(upsampled_conv):
     rng = np.random.default_rng(0)
@@ -17,22 +25,47 @@ def test_upsampled_conv_equals_nearest_upsample_then_conv_with_gradients(upsampl
     kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 4)), jnp.float32)
     cotangent = jnp.asarray(rng.normal(size=(2, 10, 14, 4)), jnp.float32)
     with jax.default_matmul_precision("highest"):
-        # the written form, independently: repeat rows and columns, then a padded 3x3 conv
-        upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        reference = jax.lax.conv_general_dilated(
-            upsampled, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        reference = _nearest_then_conv(x, kernel)
         np.testing.assert_allclose(np.asarray(upsampled_conv(x, kernel)), np.asarray(reference), atol=1e-5)
         ours = jax.vjp(upsampled_conv, x, kernel)[1](cotangent)
-        written = jax.vjp(
-            lambda x, k: jax.lax.conv_general_dilated(
-                jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            ),
-            x,
-            kernel,
-        )[1](cotangent)
+        written = jax.vjp(_nearest_then_conv, x, kernel)[1](cotangent)
     for got, want in zip(ours, written):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("along", ["both", "input", "kernel"])
+def test_xla_upsampled_conv_forward_mode_equals_the_written_forms(along):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 5, 7, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 4)), jnp.float32)
+    dx = jnp.asarray(rng.normal(size=x.shape), jnp.float32) if along != "kernel" else jnp.zeros_like(x)
+    dkernel = jnp.asarray(rng.normal(size=kernel.shape), jnp.float32) if along != "input" else jnp.zeros_like(kernel)
+    with jax.default_matmul_precision("highest"):
+        if along == "input":  # the kernel closed over: its tangent is a symbolic zero
+            got = jax.jvp(lambda x: kernels.upsampled_conv(x, kernel), (x,), (dx,))
+        elif along == "kernel":
+            got = jax.jvp(lambda k: kernels.upsampled_conv(x, k), (kernel,), (dkernel,))
+        else:
+            got = jax.jvp(kernels.upsampled_conv, (x, kernel), (dx, dkernel))
+        want = jax.jvp(_nearest_then_conv, (x, kernel), (dx, dkernel))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4)
+
+
+def test_upsampled_conv_compiled_for_a_tpu_reverses_no_image_for_its_kernel_gradient():
+    from sigmavae_jax import topology
+
+    device = topology.slice_devices(topology.parse_slice("v5e:1x1"))[0]
+    one_chip = jax.sharding.SingleDeviceSharding(device)
+    x = jax.ShapeDtypeStruct((2, 16, 16, 128), jnp.bfloat16, sharding=one_chip)
+    kernel = jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.bfloat16, sharding=one_chip)
+    grads = jax.jit(
+        jax.grad(lambda x, k: jnp.mean(jnp.abs(kernels.upsampled_conv(x, k).astype(jnp.float32))), argnums=(0, 1))
+    )
+    program = grads.lower(x, kernel).compile().as_text()
+    reversed_shapes = re.findall(r"= \w+\[([\d,]+)\]\S* reverse\(", program)
+    # (lax's own rule for the kernel makes libtpu reverse the cotangent, bf16[2,32,32,128], here)
+    assert all(shape.startswith("4,4,") for shape in reversed_shapes), reversed_shapes
 
 
 def _same_conv_reference(x, kernel):
