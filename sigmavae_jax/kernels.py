@@ -224,9 +224,7 @@ def _upsampled_conv_jvp(primals, tangents):
             jax.ShapeDtypeStruct(y.shape, y.dtype),
         )
         terms.append(along_kernel(box_kernel(dkernel).astype(y.dtype))[0])
-    if not terms:
-        return y, jnp.zeros_like(y)
-    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
 
 
 upsampled_conv.defjvp(_upsampled_conv_jvp, symbolic_zeros=True)

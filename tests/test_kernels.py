@@ -12,10 +12,13 @@ from sigmavae_jax import kernels
 from sigmavae_jax.models import layers
 
 
+def _same_conv_reference(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def _nearest_then_conv(x, kernel):
     """The written form, independently: repeat rows and columns, then a padded 3x3 conv."""
-    upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return jax.lax.conv_general_dilated(upsampled, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _same_conv_reference(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), kernel)
 
 
 @pytest.mark.parametrize("upsampled_conv", [kernels.upsampled_conv, kernels.cpu_upsampled_conv])
@@ -66,10 +69,6 @@ def test_upsampled_conv_compiled_for_a_tpu_reverses_no_image_for_its_kernel_grad
     reversed_shapes = re.findall(r"= \w+\[([\d,]+)\]\S* reverse\(", program)
     # (lax's own rule for the kernel makes libtpu reverse the cotangent, bf16[2,32,32,128], here)
     assert all(shape.startswith("4,4,") for shape in reversed_shapes), reversed_shapes
-
-
-def _same_conv_reference(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 @pytest.mark.parametrize(
