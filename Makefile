@@ -24,7 +24,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check .

@@ -38,6 +38,24 @@ import pytest  # noqa: E402
 
 from sigmavae_jax.config import ModelConfig  # noqa: E402
 
+# `make test` hands whole files to two workers in collection order (`--dist loadfile
+# --no-loadscope-reorder`). The files that take longest on the 2-core CI machine go first, so
+# that none of them starts late and runs alone while the other worker sits idle.
+LONGEST_FILES_FIRST = (
+    "test_train_step.py",
+    "test_train_loop.py",
+    "test_gpu_dry_run.py",
+    "test_dry_run.py",
+    "test_evaluate.py",
+    "test_train_gcs.py",
+    "test_eval_multihost.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
 
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
