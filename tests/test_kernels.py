@@ -1,6 +1,7 @@
 """The kernel sets compute the written maths: each CPU form and the XLA forms against plain lax,
 values and gradients, and `select` follows the devices, not the host."""
 
+import dataclasses
 import re
 
 import jax
@@ -170,3 +171,76 @@ def test_forward_mode_passes_through_encode_and_decode_with_xla_kernels(tiny_cfg
     np.testing.assert_allclose(np.asarray(dz), np.asarray(finite), rtol=2e-2, atol=2e-3)
     image, d_image = jax.jvp(model.decode, (z,), (dz,))
     assert image.shape == (1, 16, 16, 3) and np.all(np.isfinite(np.asarray(d_image)))
+
+
+def _perturbed_resnet_block(chosen, dtype, channels_in, channels_out):
+    """(graph, state) of a ResnetBlock whose parameters are moved off their initial values
+    (GroupNorm scales and biases away from 1 and 0), the same for every kernel set."""
+    from flax import nnx
+
+    block = layers.ResnetBlock(channels_in, channels_out, groups=4, dtype=dtype, kernels=chosen, rngs=nnx.Rngs(0))
+    assert block.written_backward == chosen.written_block_backward
+    graph, state = nnx.split(block)
+    leaves, tree = jax.tree.flatten(state)
+    rng = np.random.default_rng(7)
+    return graph, jax.tree.unflatten(tree, [a + 0.3 * rng.normal(size=a.shape).astype(a.dtype) for a in leaves])
+
+
+AUTODIFF_XLA = dataclasses.replace(kernels.XLA, written_block_backward=False)
+
+
+@pytest.mark.parametrize("channels_in, channels_out", [(8, 8), (8, 16)])
+def test_written_block_backward_equals_autodiff_in_both_modes(channels_in, channels_out):
+    """The XLA kernels' ResnetBlock (`resnet_branch`) against the same block differentiated by
+    autodiff through flax's GroupNorm and conv, float32: values, reverse mode (also under
+    jax.checkpoint, as the remat settings run it) and forward mode."""
+    from flax import nnx
+
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(2, 12, 10, channels_in)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, 12, 10, channels_out)), jnp.float32)
+    results = {}
+    for chosen in (kernels.XLA, AUTODIFF_XLA):
+        graph, state = _perturbed_resnet_block(chosen, jnp.float32, channels_in, channels_out)
+        tangents = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape), (state, x))
+
+        def loss(state, x):
+            return jnp.sum(nnx.merge(graph, state)(x) * weights)
+
+        with jax.default_matmul_precision("highest"):
+            results[chosen.written_block_backward] = (
+                nnx.merge(graph, state)(x),
+                jax.grad(loss, argnums=(0, 1))(state, x),
+                jax.grad(jax.checkpoint(loss), argnums=(0, 1))(state, x),
+                jax.jvp(lambda s, x: nnx.merge(graph, s)(x), (state, x), tangents)[1],
+            )
+    for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False]), strict=True):
+        scale = float(np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_written_block_backward_moves_fewer_bytes_compiled_for_a_tpu():
+    """Compiled for one v5e chip in bf16 at 8 images, a ResnetBlock's forward and backward reads
+    and writes fewer bytes with the written backward than with autodiff's (the second
+    GroupNorm's input gradient is not written out): here 34.3 against 35.1 times the
+    activation's size, at 256 x 256 x 128 24.1 against 25.1."""
+    from flax import nnx
+
+    from sigmavae_jax import dry_run, topology
+
+    one_chip = jax.sharding.SingleDeviceSharding(topology.slice_devices(topology.parse_slice("v5e:1x1"))[0])
+    x = jax.ShapeDtypeStruct((8, 32, 32, 256), jnp.bfloat16, sharding=one_chip)
+    moved = {}
+    for chosen in (kernels.XLA, AUTODIFF_XLA):
+        graph, state = nnx.split(
+            layers.ResnetBlock(256, 256, groups=32, dtype=jnp.bfloat16, kernels=chosen, rngs=nnx.Rngs(0))
+        )
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_chip), state)
+
+        def loss(state, x):
+            return jnp.mean(jnp.abs(nnx.merge(graph, state)(x).astype(jnp.float32)))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
+        moved[chosen.written_block_backward] = dry_run.cost_of(compiled)["bytes accessed"]
+    activation = 8 * 32 * 32 * 256 * 2
+    assert moved[False] - moved[True] >= 0.5 * activation, (moved, activation)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sigmavae_jax.kernels import Kernels
+from sigmavae_jax.models.resnet_branch import branch_parameters, resnet_branch
 
 Dtype = jnp.dtype | type
 
@@ -74,7 +75,11 @@ def conv_with_kernel(conv: nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax.Arr
 
 
 class ResnetBlock(nnx.Module):
-    """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> conv3x3, plus the residual."""
+    """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> conv3x3, plus the residual.
+
+    With `kernels.written_block_backward` the branch is `resnet_branch` (the same forward pass,
+    a backward pass written out); otherwise autodiff differentiates the modules.
+    """
 
     def __init__(
         self, in_channels: int, out_channels: int, *, groups: int, dtype: Dtype, kernels: Kernels, rngs: nnx.Rngs
@@ -88,10 +93,16 @@ class ResnetBlock(nnx.Module):
             if in_channels != out_channels
             else None
         )
+        self.written_backward = kernels.written_block_backward
+        self.conv_general_dilated = kernels.conv_general_dilated
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(nnx.silu(self.norm1(x)))
-        h = self.conv2(nnx.silu(self.norm2(h)))
+        if self.written_backward:
+            norm = (self.norm1.num_groups, self.norm1.epsilon, self.norm1.use_fast_variance)
+            h = resnet_branch(self.conv_general_dilated, norm, x.astype(self.conv1.dtype), branch_parameters(self))
+        else:
+            h = self.conv1(nnx.silu(self.norm1(x)))
+            h = self.conv2(nnx.silu(self.norm2(h)))
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return shortcut + h
 
