@@ -221,9 +221,9 @@ def test_written_block_backward_equals_autodiff_in_both_modes(channels_in, chann
 
 def test_written_block_backward_moves_fewer_bytes_compiled_for_a_tpu():
     """Compiled for one v5e chip in bf16 at 8 images, a ResnetBlock's forward and backward reads
-    and writes fewer bytes with the written backward than with autodiff's (the second
-    GroupNorm's input gradient is not written out): here 34.3 against 35.1 times the
-    activation's size, at 256 x 256 x 128 24.1 against 25.1."""
+    and writes at least half an activation fewer with the written backward than with
+    autodiff's: the second GroupNorm's input gradient is not written out (docs/performance.md
+    has the figures per block size)."""
     from flax import nnx
 
     from sigmavae_jax import dry_run, topology
