@@ -329,7 +329,7 @@ class Kernels:
     cond: (active, compute, otherwise) -> the taken branch's result.
     batch_map: wraps a codec function (params, x) -> y over its batch.
     written_block_backward: whether ResnetBlocks take `models.resnet_branch`'s backward pass
-        (which XLA's TPU and GPU fusions read fewer activations for) instead of autodiff's.
+        (fewer activation reads in TPU compiles, docs/performance.md) instead of autodiff's.
     """
 
     name: str

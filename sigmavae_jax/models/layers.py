@@ -94,12 +94,13 @@ class ResnetBlock(nnx.Module):
             else None
         )
         self.written_backward = kernels.written_block_backward
-        self.conv_general_dilated = kernels.conv_general_dilated
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.written_backward:
             norm = (self.norm1.num_groups, self.norm1.epsilon, self.norm1.use_fast_variance)
-            h = resnet_branch(self.conv_general_dilated, norm, x.astype(self.conv1.dtype), branch_parameters(self))
+            h = resnet_branch(
+                self.conv1.conv_general_dilated, norm, x.astype(self.conv1.dtype), branch_parameters(self)
+            )
         else:
             h = self.conv1(nnx.silu(self.norm1(x)))
             h = self.conv2(nnx.silu(self.norm2(h)))

@@ -41,13 +41,18 @@ def _per_channel(per_group: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(per_group, channels // per_group.shape[1], axis=1)[:, None, None, :]
 
 
+def _group_size(x: jax.Array, groups: int) -> int:
+    """How many elements of one image of NHWC `x` each GroupNorm group holds."""
+    return x.shape[1] * x.shape[2] * (x.shape[-1] // groups)
+
+
 def _group_statistics(x: jax.Array, groups: int, eps: float, fast_variance: bool):
     """(per-(B, C) sums of x, per-(B, G) mean, per-(B, G) 1/sqrt(var + eps)), in float32, as
     `layers.GroupNorm` computes them (one pass, E[x^2] - E[x]^2 clipped at 0, when
     `fast_variance`; else two)."""
     b, _, _, c = x.shape
     xf = x.astype(F32)
-    count = x.shape[1] * x.shape[2] * (c // groups)
+    count = _group_size(x, groups)
     sums = xf.sum((1, 2))
     mean = sums.reshape(b, groups, -1).sum(-1) / count
     if fast_variance:
@@ -140,9 +145,8 @@ def _backward(conv_general_dilated, norm, saved, d_h2):
     a2 = jax.nn.silu(_normalised(h1, mean2, rstd2, p["norm2_scale"], p["norm2_bias"]))
     d_a2, d_kernel2 = jax.vjp(conv, a2, p["conv2_kernel"])[1](d_h2)
     d_y2, sum_d_y2, sum_d_y2_x_hat = _norm_silu_backward(d_a2, h1, mean2, rstd2, p["norm2_scale"], p["norm2_bias"])
-    pixels = h1.shape[1] * h1.shape[2]
     coefficients2 = _input_gradient_coefficients(
-        sum_d_y2, sum_d_y2_x_hat, mean2, rstd2, p["norm2_scale"], pixels * (h1.shape[-1] // groups)
+        sum_d_y2, sum_d_y2_x_hat, mean2, rstd2, p["norm2_scale"], _group_size(h1, groups)
     )
     a1 = jax.nn.silu(_normalised(x, mean1, rstd1, p["norm1_scale"], p["norm1_bias"]))
     d_kernel1 = jax.vjp(lambda kernel: conv(a1, kernel), p["conv1_kernel"])[1](
@@ -150,10 +154,10 @@ def _backward(conv_general_dilated, norm, saved, d_h2):
     )[0]
     d_a1 = jax.vjp(lambda a: conv(a, p["conv1_kernel"]), a1)[1](_input_gradient(coefficients2, d_y2, h1, spelled=1))[0]
     alpha, beta, delta = (c[:, 0, 0, :] for c in coefficients2)
-    d_bias1 = (alpha * sum_d_y2 + beta * sums_h1 + delta * pixels).sum(0)
+    d_bias1 = (alpha * sum_d_y2 + beta * sums_h1 + delta * (h1.shape[1] * h1.shape[2])).sum(0)
     d_y1, sum_d_y1, sum_d_y1_x_hat = _norm_silu_backward(d_a1, x, mean1, rstd1, p["norm1_scale"], p["norm1_bias"])
     coefficients1 = _input_gradient_coefficients(
-        sum_d_y1, sum_d_y1_x_hat, mean1, rstd1, p["norm1_scale"], x.shape[1] * x.shape[2] * (x.shape[-1] // groups)
+        sum_d_y1, sum_d_y1_x_hat, mean1, rstd1, p["norm1_scale"], _group_size(x, groups)
     )
     gradients = {
         "norm1_scale": sum_d_y1_x_hat.sum(0),
