@@ -157,7 +157,9 @@ class TrainConfig(_Strict):
     # "nested", as true, and the units before the encoder's and the decoder's last resolution
     # are recomputed once more as one run, so only its input is kept while the last resolution
     # goes backwards (least memory, ~40% more FLOPs).
-    # Any of them also recomputes LPIPS's VGG stages and heads (~2% more FLOPs).
+    # Any of them also recomputes LPIPS's VGG stages and heads (~2% more FLOPs), and with the
+    # XLA kernels differentiates the ResnetBlocks as autodiff does, which keeps one activation
+    # fewer at each block's peak than the default's written backward pass (more bytes moved).
     remat: bool | Literal["convs", "blocks", "nested"] = False
     # How convolutions and the GAN's branches are computed (sigmavae_jax.kernels): "auto" picks
     # "cpu" when the mesh's devices are CPUs and "xla" otherwise (TPU, GPU); same maths either way.

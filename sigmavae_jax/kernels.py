@@ -329,7 +329,8 @@ class Kernels:
     cond: (active, compute, otherwise) -> the taken branch's result.
     batch_map: wraps a codec function (params, x) -> y over its batch.
     written_block_backward: whether ResnetBlocks take `models.resnet_branch`'s backward pass
-        (fewer activation reads in TPU compiles, docs/performance.md) instead of autodiff's.
+        (fewer activation reads in TPU compiles, docs/performance.md) instead of autodiff's;
+        a model with a memory setting takes autodiff's (`autoencoder.memory_kernels`).
     """
 
     name: str

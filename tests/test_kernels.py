@@ -192,8 +192,8 @@ AUTODIFF_XLA = dataclasses.replace(kernels.XLA, written_block_backward=False)
 @pytest.mark.parametrize("channels_in, channels_out", [(8, 8), (8, 16)])
 def test_written_block_backward_equals_autodiff_in_both_modes(channels_in, channels_out):
     """The XLA kernels' ResnetBlock (`resnet_branch`) against the same block differentiated by
-    autodiff through flax's GroupNorm and conv, float32: values, reverse mode (also under
-    jax.checkpoint, as the remat settings run it) and forward mode."""
+    autodiff through flax's GroupNorm and conv, float32: values, reverse mode (also under a
+    user's jax.checkpoint) and forward mode."""
     from flax import nnx
 
     rng = np.random.default_rng(8)

@@ -374,6 +374,21 @@ def test_remat_settings_give_the_same_gradients_and_keep_less():
     assert kept["nested"] < kept[True]
 
 
+def test_memory_settings_take_autodiffs_block_backward():
+    """With a memory setting (train.remat) every ResnetBlock of the XLA kernels' model takes
+    autodiff's backward pass, which holds one activation fewer at each block's peak
+    (docs/performance.md); without one each takes the written backward."""
+    from sigmavae_jax.models.autoencoder import AutoencoderKL
+    from sigmavae_jax.models.layers import ResnetBlock
+
+    model_cfg = tiny_config().model
+    for remat in (False, True, "convs", "blocks", "nested"):
+        model = nnx.eval_shape(lambda: AutoencoderKL(model_cfg, rngs=nnx.Rngs(0), remat=remat, kernels=kernels.XLA))
+        written = [node.written_backward for _, node in nnx.iter_graph(model) if isinstance(node, ResnetBlock)]
+        assert len(written) > 4 and set(written) == {not remat}, (remat, written)
+    assert model.kernels == kernels.XLA  # the model's other kernels are the ones it was given
+
+
 def test_a_remat_model_closed_over_by_jax_grad_gives_the_plain_gradient():
     """A user's `jax.grad` over a function that closes over an AutoencoderKL built with remat
     (built outside the transform, never split) gives the plain model's image gradient; with
@@ -387,9 +402,12 @@ def test_a_remat_model_closed_over_by_jax_grad_gives_the_plain_gradient():
         model = AutoencoderKL(model_cfg, rngs=nnx.Rngs(0), remat=remat, kernels=kernels.XLA)
         with jax.default_matmul_precision("highest"):
             grads[remat] = np.asarray(jax.grad(lambda x: jnp.mean(jnp.abs(model(x)[0] - x)))(x))
-    assert np.abs(grads[False]).max() > 0
+    scale = np.abs(grads[False]).max()
+    assert scale > 0
+    # The memory settings' ResnetBlocks differentiate as autodiff does, the plain model's as
+    # written out (`memory_kernels`): the same maths, rounded differently in float32.
     for remat in (True, "blocks", "nested"):
-        np.testing.assert_allclose(grads[remat], grads[False], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(grads[remat], grads[False], rtol=1e-5, atol=1e-4 * scale)
 
 
 def test_remat_units_join_resamplers_to_the_block_on_their_small_side():

@@ -6,6 +6,7 @@ Parameter paths mirror the LDM checkpoint keys: `encoder/down/0/block/1/conv2/ke
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -55,6 +56,14 @@ def _norm_silu(norm: nnx.Module, x: jax.Array) -> jax.Array:
 def check_remat(remat: Remat) -> None:
     if remat and remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r} unknown; use False, True, 'convs', 'blocks' or 'nested'")
+
+
+def memory_kernels(kernels: Kernels, remat: Remat) -> Kernels:
+    """The kernels of a model recomputed with `remat`: under a memory setting its ResnetBlocks take
+    autodiff's backward pass, which holds one activation fewer at each block's peak than
+    `kernels.written_block_backward`'s (a memory setting is for the largest batch; the written
+    backward is for fewer bytes). `kernels` itself without one."""
+    return dataclasses.replace(kernels, written_block_backward=False) if remat else kernels
 
 
 def remat_units(steps: list[Step]) -> list[list[Step]]:
@@ -172,6 +181,7 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, kernels: Kernels, rngs: nnx.Rngs, remat: Remat = False):
         check_remat(remat)
         self.remat = remat
+        kernels = memory_kernels(kernels, remat)
         groups = cfg.norm_groups
         self.conv_in = conv(cfg.in_channels, cfg.ch, 3, dtype=dtype, kernels=kernels, rngs=rngs)
         levels = []
@@ -215,6 +225,7 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, kernels: Kernels, rngs: nnx.Rngs, remat: Remat = False):
         check_remat(remat)
         self.remat = remat
+        kernels = memory_kernels(kernels, remat)
         groups = cfg.norm_groups
         block_in = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = conv(cfg.z_channels, block_in, 3, dtype=dtype, kernels=kernels, rngs=rngs)
