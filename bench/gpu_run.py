@@ -92,24 +92,20 @@ def timed(step, args, steps: int, carry_state: bool) -> dict:
     }
 
 
+def one_device_mesh():
+    """The mesh of the first device this process sees."""
+    return parallel.make_mesh(devices=jax.devices()[:1])
+
+
 def ns1(per_device: int, steps: int, rng: np.random.Generator) -> dict:
-    from sigmavae_jax.config import load_config
     from sigmavae_jax.models.lpips import lpips_weight_shapes, save_lpips_weights
     from sigmavae_jax.train.program import build_program
     from sigmavae_jax.train.state import create_state
 
     weights = {k: rng.normal(0, 0.05, shape).astype(np.float32) for k, shape in lpips_weight_shapes().items()}
     path = save_lpips_weights(pathlib.Path(tempfile.mkdtemp()) / "lpips_random.npz", weights)
-    mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    cfg = load_config(
-        "nextstep1_f8c16",
-        [
-            "train.image_size=256",
-            "train.compute_dtype=bfloat16",
-            f"train.batch_size={per_device * mesh.size}",
-            f"loss.lpips_weights={path}",
-        ],
-    )
+    mesh = one_device_mesh()
+    cfg = tpu_dry_run.ns1_config(per_device * mesh.size, [f"loss.lpips_weights={path}"])
     program = build_program(cfg, mesh)
     state, _ = create_state(cfg, program.modules, mesh, jax.random.key(0))
     images = random_like(program.abstract_batch(), rng, images=True)
@@ -117,26 +113,12 @@ def ns1(per_device: int, steps: int, rng: np.random.Generator) -> dict:
 
 
 def vae(per_device: int, steps: int, rng: np.random.Generator) -> dict:
-    from flax import nnx
-
-    from sigmavae_jax.config import load_config
-    from sigmavae_jax.kernels import select
-    from sigmavae_jax.models.autoencoder import AutoencoderKL
-
-    mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    model = nnx.eval_shape(
-        lambda: AutoencoderKL(
-            load_config("sd").model,
-            rngs=nnx.Rngs(0),
-            dtype=jnp.bfloat16,
-            kernels=select("auto", mesh.devices.flat),
-        )
-    )
-    return _vae_like(*tpu_dry_run._vae_program(model, mesh, per_device), steps, rng)
+    mesh = one_device_mesh()
+    return _vae_like(*tpu_dry_run._vae_program(tpu_dry_run.sd_vae(mesh), mesh, per_device), steps, rng)
 
 
 def peer(per_device: int, steps: int, rng: np.random.Generator) -> dict:
-    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     return _vae_like(*tpu_dry_run._peer_program(mesh, per_device), steps, rng)
 
 

@@ -161,46 +161,53 @@ def _peer_program(mesh, per_chip: int):
     return jax.jit(grads, in_shardings=(replicated, split, replicated), out_shardings=replicated), args
 
 
+def ns1_config(batch_size: int, overrides: list[str] | tuple[str, ...] = ()):
+    """configs/nextstep1_f8c16.yaml at SIZE in bf16 with a global batch of `batch_size`, then
+    `overrides`."""
+    from sigmavae_jax.config import load_config
+
+    sized = [f"train.image_size={SIZE}", "train.compute_dtype=bfloat16", f"train.batch_size={batch_size}"]
+    return load_config("nextstep1_f8c16", [*sized, *overrides])
+
+
+def sd_vae(mesh, overrides: list[str] | tuple[str, ...] = ()):
+    """Our SD-config AutoencoderKL in bf16 as shapes (no weights), with the kernels of `mesh`'s
+    devices and the config's train.remat after `overrides`."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sigmavae_jax.config import load_config
+    from sigmavae_jax.kernels import select
+    from sigmavae_jax.models.autoencoder import AutoencoderKL
+
+    cfg = load_config("sd", overrides)
+    return nnx.eval_shape(
+        lambda: AutoencoderKL(
+            cfg.model,
+            rngs=nnx.Rngs(0),
+            dtype=jnp.bfloat16,
+            remat=cfg.train.remat,
+            kernels=select("auto", mesh.devices.flat),
+        )
+    )
+
+
 def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
     from sigmavae_jax import topology
 
     topology.compile_only_environment()
     from sigmavae_jax import dry_run, parallel
-    from sigmavae_jax.config import load_config
-    from sigmavae_jax.kernels import select
 
     kind = MEASUREMENTS[name].program
     overrides = [item.format(**remat_settings()) for item in MEASUREMENTS[name].overrides]
     tpu_slice = topology.parse_slice(topology_name)
     if kind == "step":
-        cfg = load_config(
-            "nextstep1_f8c16",
-            [
-                f"train.image_size={SIZE}",
-                "train.compute_dtype=bfloat16",
-                f"train.batch_size={per_chip * tpu_slice.chips}",
-                *overrides,
-            ],
-        )
+        cfg = ns1_config(per_chip * tpu_slice.chips, overrides)
         return dry_run.train_step_report(cfg, tpu_slice).figures()
     mesh = parallel.make_mesh(devices=topology.slice_devices(tpu_slice))
     flops = None  # a GPU's compiler counts none: the same program lowered for one CPU device does
     if kind == "vae":
-        import jax.numpy as jnp
-        from flax import nnx
-
-        from sigmavae_jax.models.autoencoder import AutoencoderKL
-
-        cfg = load_config("sd", overrides)
-        model = nnx.eval_shape(
-            lambda: AutoencoderKL(
-                cfg.model,
-                rngs=nnx.Rngs(0),
-                dtype=jnp.bfloat16,
-                remat=cfg.train.remat,
-                kernels=select("auto", mesh.devices.flat),
-            )
-        )
+        model = sd_vae(mesh, overrides)
         jitted, args = _vae_program(model, mesh, per_chip)
         flops = lambda: dry_run.lowered_flops(*_vae_program(model, dry_run.one_cpu_mesh(), per_chip))  # noqa: E731
     else:
