@@ -66,7 +66,7 @@ def bench_codec(
 
     # FLOPs of one image's program times the batch: XLA's cost analysis counts a loop's body once
     per_image = {
-        name: flops(jax.jit(fn).lower(codec.params, arg[:1]).compile())
+        name: flops(fn, codec.params, arg[:1])
         for name, fn, arg in (("encode", codec.encode_fn, x), ("decode", codec.decode_fn, z))
     }
     result = {}
@@ -116,9 +116,9 @@ def tiled_decode_child(size: int) -> None:
 
 
 def bench_tiled_decode(size: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--tiled-decode-child", str(size)], check=True, capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, __file__, "--tiled-decode-child", str(size)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the tiled {size} x {size} decode failed (status {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

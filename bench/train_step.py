@@ -27,7 +27,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from common import alternate, flops, matmul_roofline, median_time, torch_device, torch_synced, torch_twin, vae_fwd_bwd  # noqa: E402
 
-from sigmavae_jax import api, kernels, parallel  # noqa: E402
+from sigmavae_jax import api, dry_run, kernels, parallel  # noqa: E402
 from sigmavae_jax.config import load_config  # noqa: E402
 from sigmavae_jax.models.lpips import LPIPS, load_lpips, lpips_weight_shapes  # noqa: E402
 from sigmavae_jax.train import state as train_state  # noqa: E402
@@ -35,8 +35,8 @@ from sigmavae_jax.train.step import compile_train_step, make_train_step  # noqa:
 
 
 def compiled_step(name: str, overrides: list[str], lpips):
-    """(compiled G+D step, its compile seconds, run): `run()` does one step on a fixed batch
-    and waits for it."""
+    """(its FLOPs, its compile seconds, run) of the compiled G+D step: `run()` does one step on
+    a fixed batch and waits for it."""
     cfg = load_config(name, overrides)
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     modules = train_state.build_structure(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
@@ -54,12 +54,12 @@ def compiled_step(name: str, overrides: list[str], lpips):
         holder["state"], metrics = compiled(holder["state"], x, lpips_vars)
         jax.block_until_ready(metrics)
 
-    return compiled, compile_s, run
+    return dry_run.step_flops_on_one_cpu(cfg, batch, modules.kernels), compile_s, run
 
 
 def bench_step(name: str, overrides: list[str], repeats: int, lpips) -> dict[str, float]:
     """Compile time and steady-state images/s of the full step for a config."""
-    compiled, compile_s, run = compiled_step(name, overrides, lpips)
+    step_flops, compile_s, run = compiled_step(name, overrides, lpips)
     batch = load_config(name, overrides).train.batch_size
     run()  # warm-up
     seconds = median_time(run, repeats)
@@ -67,7 +67,7 @@ def bench_step(name: str, overrides: list[str], repeats: int, lpips) -> dict[str
         "compile_s": compile_s,
         "step_s": seconds,
         "images_per_s": batch / seconds,
-        "tflops": flops(compiled) / seconds / 1e12,
+        "tflops": step_flops / seconds / 1e12,
     }
 
 
@@ -82,7 +82,7 @@ def bench_vae_vs_torch(size: int, batch: int, repeats: int, dtype: str = "float3
     x_np = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
     jax_grads, state = vae_fwd_bwd(model)
     x_jax, key = jnp.asarray(x_np), jax.random.key(0)
-    compiled = jax_grads.lower(state, x_jax, key).compile()  # run and counted: one compilation
+    compiled = jax_grads.lower(state, x_jax, key).compile()
     x_torch = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(torch_device())
 
     def run_jax():
@@ -97,7 +97,8 @@ def bench_vae_vs_torch(size: int, batch: int, repeats: int, dtype: str = "float3
         loss.backward()
 
     jax_s, torch_s = alternate(run_jax, torch_synced(run_torch), repeats)
-    return {"jax_s": jax_s, "torch_s": torch_s, "ratio": torch_s / jax_s, "gflop": flops(compiled) / 1e9}
+    gflop = flops(jax_grads, state, x_jax, key) / 1e9
+    return {"jax_s": jax_s, "torch_s": torch_s, "ratio": torch_s / jax_s, "gflop": gflop}
 
 
 def lpips_for_timing():
