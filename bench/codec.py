@@ -135,6 +135,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiled_decode_child:
         return tiled_decode_child(args.tiled_decode_child)
+    # the tiled decode's own process runs first, before this one opens the device: on a GPU this
+    # process's allocators (JAX's and torch's) keep what they took, which the child would need
+    tiled = bench_tiled_decode(args.tiled_size) if args.tiled_size else None
     import torch
 
     roofline = matmul_roofline(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
@@ -166,8 +169,7 @@ def main() -> None:
                 if label == "sd" and batch == 1:
                     result[f"{name}_ratio_vs_torch"] = f["ratio"]
                     result[f"roofline_fraction_{name}"] = f["roofline_fraction"]
-    if args.tiled_size:
-        tiled = bench_tiled_decode(args.tiled_size)
+    if tiled:
         print(
             f"tiled SD decode {args.tiled_size}x{args.tiled_size}: {tiled['seconds']:.0f} s, "
             f"peak RSS {tiled['peak_rss_gib']:.2f} GiB (target < 6)"
