@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The codec benchmark in float32 and bfloat16 and the train-step benchmark in bfloat16 on one GPU,
-# in about 9 minutes.
+# The codec benchmark in float32 and bfloat16, the train-step benchmark in bfloat16 and a profile
+# of the step by kernel kind on one GPU, in about 10 minutes.
 #
 #   bash bench/gpu.sh            # from the repository root, on a machine with one CUDA GPU
 #
@@ -37,3 +37,6 @@ run 150 bench/codec.py --size 512 --batches 1,8 --dtype float32 --tiled-size 409
 run 150 bench/codec.py --size 512 --batches 1,8 --dtype bfloat16 --tiled-size 0 --peak-tflops "$bf16_peak"
 # bfloat16 alone: the dtype a GPU trains in (each G+D step compiles in about 70 s on an H200)
 run 240 bench/train_step.py --size 256 --batch 8 --dtypes bfloat16 --peak-tflops "$bf16_peak"
+# where the step's GPU time goes: kernel time by kind (cuDNN convolutions, fusions, ...) and the
+# share of the wall time the GPU ran kernels
+run 150 bench/op_profile.py --step --size 256 --batch 8 --dtype bfloat16 --top 15

@@ -8,8 +8,9 @@ Two views of the SD-size VAE fwd+bwd (L1 + KL, the model's share of a training s
     kernel-gradient GFLOP/s in JAX and in torch (same shapes, same threads), weighted by how
     often the model uses it.
 Op times are summed over XLA's threads, which run independent ops side by side: their sum
-exceeds the wall time by the printed factor. The kinds are read from XLA's CPU programs; on a
-GPU, convolutions are cuDNN custom calls and would be counted as elementwise work.
+exceeds the wall time by the printed factor. On a GPU the times are the device's kernels, named
+by the HLO op each ran for (cuDNN's convolutions and cuBLAS's products are custom calls, sorted
+by their targets), and the factor is the share of the wall time the GPU was running kernels.
 """
 
 from __future__ import annotations
@@ -33,9 +34,20 @@ from common import median_time, vae_fwd_bwd  # noqa: E402
 from sigmavae_jax import api, kernels  # noqa: E402
 from sigmavae_jax.config import load_config  # noqa: E402
 
-_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\S+) ([\w-]+)\((.*)$", re.M)
+# an instruction: name, shape (an array, or a tuple such as a library call's (result, scratch)),
+# opcode, the rest of the line
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\((?:[^()]|\([^()]*\))*\)|\S+) ([\w-]+)\((.*)$", re.M)
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
 _RUNTIME_EVENTS = ("ThunkExecutor", "end:", "Threadpool", "SlinkyThreadPool")
+# XLA:GPU's library calls, by what they compute
+_LIBRARY_KINDS = {
+    "__cudnn$convForward": "conv forward",
+    "__cudnn$convBiasActivationForward": "conv forward",
+    "__cudnn$convBackwardInput": "conv input gradient",
+    "__cudnn$convBackwardFilter": "conv kernel gradient",
+    "__cublas$gemm": "matrix product",
+    "__cublas$lt$matmul": "matrix product",
+}
 
 
 def _dims(shape: str) -> list[int]:
@@ -49,16 +61,21 @@ class HloOps:
 
     def __init__(self, hlo_text: str):
         self.bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
-        self.ops = {}
+        self.ops, self.targets, self.arguments = {}, {}, {}
         for name, shape, opcode, rest in _INSTRUCTION.findall(hlo_text):
             called = re.search(r"calls=%([\w.\-]+)", rest)
             source = re.search(r'op_name="([^"]+)"', rest)  # the jax op it came from
+            target = re.search(r'custom_call_target="([^"]+)"', rest)
             self.ops[name] = (
-                shape.split("{")[0],
+                re.sub(r"\{[^{}]*\}", "", shape),  # without layouts
                 opcode,
                 called.group(1) if called else None,
                 source.group(1) if source else "",
             )
+            self.targets[name] = target.group(1) if target else None
+            self.arguments[name] = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+        # XLA:GPU names a kernel after its op with '.' and '-' made '_'
+        self.by_kernel_name = {re.sub(r"[.\-]", "_", name): name for name in self.ops}
         # a conv whose result has the dims of a 4-d program input (a kernel), in any order, is a
         # kernel gradient: XLA writes them as HWIO or as (O, kh, kw, I)
         entry = self.bodies.get("ENTRY", "")
@@ -68,6 +85,8 @@ class HloOps:
 
     def kind(self, name: str) -> str:
         shape, opcode, called, source = self.ops[name]
+        if self.targets[name] in _LIBRARY_KINDS:
+            return _LIBRARY_KINDS[self.targets[name]]
         body = self.bodies.get(called, "") if called else ""
         if opcode == "convolution" or "convolution(" in body:
             if tuple(sorted(_dims(shape))) in self.kernel_dims:
@@ -83,8 +102,49 @@ class HloOps:
 
     def operands(self, name: str) -> str:
         shape, _, called, _ = self.ops[name]
-        params = re.findall(r"%param_[\w.]+ = (\S+) parameter", self.bodies.get(called, "")) if called else []
+        if called:
+            params = re.findall(r"%param_[\w.]+ = (\S+) parameter", self.bodies.get(called, ""))
+        else:  # a library call: its arguments' shapes
+            params = [self.ops[a][0] for a in self.arguments[name] if a in self.ops]
         return f"{' '.join(p.split('{')[0] for p in params[:2])} -> {shape}"
+
+    def op_of(self, event) -> str | None:
+        """The op a profiler event ran for: its `hlo_op` stat (or one in an annotation), else its
+        own name or kernel name; None for runtime events."""
+        if event.name.startswith(_RUNTIME_EVENTS):
+            return None
+        for key, value in event.stats:
+            named = value if key == "hlo_op" else _annotated_op(value)
+            if named in self.ops:
+                return named
+        return event.name if event.name in self.ops else self.by_kernel_name.get(event.name)
+
+
+def _annotated_op(value) -> str | None:
+    found = re.search(r"hlo_op=([\w.\-]+)", value) if isinstance(value, str) else None
+    return found.group(1) if found else None
+
+
+def op_seconds(trace, hlo: HloOps) -> tuple[collections.Counter, float]:
+    """(seconds per op, seconds of events no op was found for) of a profiled run. On a GPU:
+    the kernels on its planes (the "XLA Ops" line where the profile has one, else its streams),
+    whose unnamed time is printed; on a CPU: the ops on the host's threads."""
+    gpu = [plane for plane in trace.planes if plane.name.startswith("/device:GPU")]
+    seconds, unnamed = collections.Counter(), 0.0
+    for plane in gpu or trace.planes:
+        lines = list(plane.lines)
+        if gpu:
+            lines = [line for line in lines if line.name == "XLA Ops"] or [
+                line for line in lines if line.name.startswith("Stream")
+            ]
+        for line in lines:
+            for event in line.events:
+                op = hlo.op_of(event)
+                if op is not None:
+                    seconds[op] += event.duration_ns / 1e9
+                elif gpu:
+                    unnamed += event.duration_ns / 1e9
+    return seconds, unnamed
 
 
 def program_profile(label: str, compiled, run, top: int) -> dict[str, float]:
@@ -97,19 +157,17 @@ def program_profile(label: str, compiled, run, top: int) -> dict[str, float]:
             run()
         trace = jax.profiler.ProfileData.from_file(str(next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))))
     by_kind, by_shape, count = collections.Counter(), collections.Counter(), collections.Counter()
-    for plane in trace.planes:
-        for line in plane.lines:
-            for event in line.events:
-                if event.name.startswith(_RUNTIME_EVENTS) or event.name not in hlo.ops:
-                    continue
-                kind = hlo.kind(event.name)
-                by_kind[kind] += event.duration_ns / 1e9
-                by_shape[(kind, hlo.operands(event.name))] += event.duration_ns / 1e9
-                count[(kind, hlo.operands(event.name))] += 1
+    seconds, unnamed = op_seconds(trace, hlo)
+    for op, op_s in seconds.items():
+        kind = hlo.kind(op)
+        by_kind[kind] += op_s
+        by_shape[(kind, hlo.operands(op))] += op_s
+        count[(kind, hlo.operands(op))] += 1
     total = sum(by_kind.values())
     print(
         f"\n{label}: {wall_s:.2f} s wall; op time {total:.2f} s summed over threads "
         f"({total / wall_s:.2f}x the wall time)"
+        + (f"; {unnamed:.3f} s of kernels not named by an op" if unnamed else "")
     )
     for kind, seconds in by_kind.most_common():
         print(f"  {kind:22s} {seconds:7.3f} s  {seconds / total:6.1%}")
@@ -119,9 +177,9 @@ def program_profile(label: str, compiled, run, top: int) -> dict[str, float]:
     return {"wall_s": wall_s, **{f"share_{k.replace(' ', '_')}": v / total for k, v in by_kind.items()}}
 
 
-def vae_program(cfg_name: str, size: int, batch: int):
-    """(compiled VAE fwd+bwd, run) on a fixed random batch."""
-    grads, state = vae_fwd_bwd(api.build_model(load_config(cfg_name).model, seed=0))
+def vae_program(cfg_name: str, size: int, batch: int, dtype: str = "float32"):
+    """(compiled VAE fwd+bwd, run) on a fixed random batch, computing in `dtype`."""
+    grads, state = vae_fwd_bwd(api.build_model(load_config(cfg_name).model, seed=0, dtype=dtype))
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
     key = jax.random.key(0)
     compiled = grads.lower(state, x, key).compile()
@@ -243,6 +301,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image size (default: 128, as bench/train_step.py)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--top", type=int, default=20, help="how many (kind, shape) groups to list")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument(
         "--layers", action="store_true", help="also time each SD convolution alone against torch (128 x 128 shapes)"
     )
@@ -251,15 +310,20 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(f"devices: {jax.devices()}")
-    shape = f"{args.config}, {args.size}x{args.size}, batch {args.batch}"
+    shape = f"{args.config}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}"
     if args.step:
         from train_step import compiled_step, lpips_for_timing
 
-        overrides = ["loss.disc_start=0", f"train.image_size={args.size}", f"train.batch_size={args.batch}"]
-        compiled, _, run = compiled_step(args.config, overrides, lpips_for_timing())
+        overrides = [
+            "loss.disc_start=0",
+            f"train.image_size={args.size}",
+            f"train.batch_size={args.batch}",
+            f"train.compute_dtype={args.dtype}",
+        ]
+        compiled, _, run, _ = compiled_step(args.config, overrides, lpips_for_timing())
         result = program_profile(f"G+D step ({shape})", compiled, run, args.top)
     else:
-        compiled, run = vae_program(args.config, args.size, args.batch)
+        compiled, run = vae_program(args.config, args.size, args.batch, args.dtype)
         result = program_profile(f"VAE fwd+bwd ({shape})", compiled, run, args.top)
     if args.layers:
         result.update(layer_profile(args.batch))
