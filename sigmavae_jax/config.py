@@ -158,12 +158,13 @@ class TrainConfig(_Strict):
     # are recomputed once more as one run, so only its input is kept while the last resolution
     # goes backwards (least memory, ~40% more FLOPs).
     # Any of them also recomputes LPIPS's VGG stages and heads (~2% more FLOPs), and with the
-    # XLA kernels differentiates the ResnetBlocks as autodiff does, which keeps one activation
+    # XLA (TPU) kernels differentiates the ResnetBlocks as autodiff does, which keeps one activation
     # fewer at each block's peak than the default's written backward pass (more bytes moved).
     remat: bool | Literal["convs", "blocks", "nested"] = False
     # How convolutions and the GAN's branches are computed (sigmavae_jax.kernels): "auto" picks
-    # "cpu" when the mesh's devices are CPUs and "xla" otherwise (TPU, GPU); same maths either way.
-    kernels: Literal["auto", "xla", "cpu"] = "auto"
+    # "cpu" when the mesh's devices are CPUs, "gpu" when they are GPUs and "xla" otherwise (TPU);
+    # the same maths in each.
+    kernels: Literal["auto", "xla", "gpu", "cpu"] = "auto"
     mesh_data: int = -1  # devices along the data axis; -1: all devices / mesh_fsdp
     mesh_fsdp: int = pydantic.Field(1, gt=0)  # devices along the fsdp axis
     fsdp_min_size: int = pydantic.Field(2**18, gt=0)  # params at least this big are sharded over fsdp

@@ -1,12 +1,15 @@
 """How the model's convolutions and the train step's branches are computed, per compile target.
 
-Two sets of kernels compute the same maths:
+Three sets of kernels compute the same maths:
 
-- `XLA`: plain `lax` operations, which XLA compiles well for TPU and GPU; everything
-  differentiates in forward and reverse mode. The nearest-x2 conv's JVP is written by hand, so
-  that its kernel gradient does not need a reversed copy of the cotangent, and so is each
-  ResnetBlock's residual branch (`models.resnet_branch`), so that its backward pass reads
-  fewer activations.
+- `XLA`, for TPUs: plain `lax` operations; everything differentiates in forward and reverse
+  mode. The nearest-x2 conv's JVP is written by hand, so that its kernel gradient does not need
+  a reversed copy of the cotangent, and so is each ResnetBlock's residual branch
+  (`models.resnet_branch`), so that its backward pass reads fewer activations: XLA:TPU fuses
+  each conv's copy of the GroupNorm input gradient into the conv.
+- `GPU`: `XLA` with autodiff's ResnetBlock backward. XLA:GPU hands convolutions to cuDNN, which
+  takes no fused operand, so the written backward's two copies of each GroupNorm input gradient
+  would be two arrays written and read.
 - `CPU`: forms that XLA's CPU backend runs faster. 1x1 convs are matrix products. The kernel
   gradients of 3x3 convs are summed over pieces of the batch and rows. The nearest-x2 conv
   has a hand-written gradient. Both branches of a condition run and one result is selected,
@@ -27,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-SETTINGS: tuple[str, ...] = ("auto", "xla", "cpu")  # what `select` takes (config: train.kernels)
+SETTINGS: tuple[str, ...] = ("auto", "xla", "gpu", "cpu")  # what `select` takes (config: train.kernels)
+GPU_PLATFORMS = frozenset({"gpu", "cuda", "rocm"})  # jax's device.platform of a GPU
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -329,8 +333,8 @@ class Kernels:
     cond: (active, compute, otherwise) -> the taken branch's result.
     batch_map: wraps a codec function (params, x) -> y over its batch.
     written_block_backward: whether ResnetBlocks take `models.resnet_branch`'s backward pass
-        (fewer activation reads in TPU compiles, docs/performance.md) instead of autodiff's;
-        a model with a memory setting takes autodiff's (`autoencoder.memory_kernels`).
+        (fewer activation reads in TPU compiles, more in GPU ones: docs/performance.md) instead
+        of autodiff's; a model with a memory setting takes autodiff's (`autoencoder.memory_kernels`).
     """
 
     name: str
@@ -342,22 +346,25 @@ class Kernels:
 
 
 XLA = Kernels("xla", jax.lax.conv_general_dilated, upsampled_conv, lax_cond, whole_batch, True)
+GPU = dataclasses.replace(XLA, name="gpu", written_block_backward=False)
 CPU = Kernels("cpu", cpu_conv_general_dilated, cpu_upsampled_conv, select_cond, one_image_at_a_time, False)
 
 
 def select(setting: str, devices: Iterable[Any]) -> Kernels:
-    """The kernels for a program compiled for `devices`: "xla" or "cpu" as asked; "auto": CPU
-    when every device is a CPU, else XLA. Raises ValueError for another setting."""
-    if setting == "xla":
-        return XLA
-    if setting == "cpu":
-        return CPU
+    """The kernels for a program compiled for `devices`: "xla", "gpu" or "cpu" as asked;
+    "auto": CPU when every device is a CPU, GPU when every device is a GPU, else XLA (TPUs).
+    Raises ValueError for another setting, or for "auto" without devices."""
+    named = {"xla": XLA, "gpu": GPU, "cpu": CPU}
+    if setting in named:
+        return named[setting]
     if setting != "auto":
         raise ValueError(f"kernels setting {setting!r} unknown; use one of {list(SETTINGS)}")
     platforms = {device.platform for device in devices}
     if not platforms:
         raise ValueError("kernels: no devices to compile for")
-    return CPU if platforms == {"cpu"} else XLA
+    if platforms == {"cpu"}:
+        return CPU
+    return GPU if platforms <= GPU_PLATFORMS else XLA
 
 
 def for_mesh(setting: str, mesh: jax.sharding.Mesh) -> Kernels:

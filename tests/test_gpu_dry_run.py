@@ -143,7 +143,51 @@ def test_plugin_describes_each_gpu_and_the_code_path_follows_them(gpu_env):
     for name, (count, processes, platforms, kind, chosen) in described.items():
         gpu_slice = topology.parse_slice(name)
         assert (count, processes) == (gpu_slice.chips, gpu_slice.hosts), name  # 2x8xh100: 16 GPUs, 2 processes
-        assert platforms == ["gpu"] and kind == kinds[gpu_slice.generation] and chosen == kernels.XLA.name, name
+        assert platforms == ["gpu"] and kind == kinds[gpu_slice.generation] and chosen == kernels.GPU.name, name
+
+
+_BLOCK_TRAFFIC = """
+from sigmavae_jax import topology
+
+topology.compile_only_environment()
+import json
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sigmavae_jax import dry_run, kernels
+from sigmavae_jax.models import layers
+
+gpu = jax.sharding.SingleDeviceSharding(topology.slice_devices(topology.parse_slice("h100"))[0])
+x = jax.ShapeDtypeStruct((8, 128, 128, 128), jnp.bfloat16, sharding=gpu)
+moved = {}
+for chosen in (kernels.XLA, kernels.GPU):
+    block = layers.ResnetBlock(128, 128, groups=32, dtype=jnp.bfloat16, kernels=chosen, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(block)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=gpu), state)
+
+    def loss(state, x):
+        return jnp.mean(jnp.abs(nnx.merge(graph, state)(x).astype(jnp.float32)))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
+    moved[chosen.name] = sum(row["bytes"] for row in dry_run.hlo_traffic(compiled.as_text()))
+print(json.dumps(moved))
+"""
+
+
+def test_gpu_kernels_block_backward_moves_fewer_bytes_than_the_written_one_in_a_gpu_program(gpu_env):
+    """Compiled for one H100 in bf16 at 8 images of 128 x 128 x 128, a ResnetBlock's forward and
+    backward moves at least two activations fewer with the GPU kernels (autodiff's backward)
+    than with the XLA kernels' written one, by the program's listed traffic (the GPU compiler
+    gives no cost analysis): cuDNN's convs take no fused operand, so both of the written
+    backward's copies of the GroupNorm input gradient are written and read (the TPU program is
+    the other way round: tests/test_kernels.py)."""
+    done = run(["-c", _BLOCK_TRAFFIC], gpu_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    moved = last_json(done.stdout)
+    activation = 8 * 128 * 128 * 128 * 2
+    assert moved["xla"] - moved["gpu"] >= 2 * activation, (moved, activation)
 
 
 _STEP = """
@@ -181,7 +225,7 @@ def test_h100_step_is_the_gpu_program_and_reports_its_memory_and_the_cpu_lowerin
     assert our_stderr(done.stderr) == []
     facts = json.loads((tmp_path / "facts.json").read_text())
     figures = last_json(done.stdout)
-    assert facts["code"] == 0 and facts["kernels"] == kernels.XLA.name
+    assert facts["code"] == 0 and facts["kernels"] == kernels.GPU.name
     assert facts["cost_analysis"] is None  # why the FLOPs come from elsewhere
     hlo = (tmp_path / "step.hlo").read_text()
     assert hlo.count(" conditional(") >= 2  # the generator's GAN term and the discriminator update
@@ -201,10 +245,10 @@ def test_h100_step_is_the_gpu_program_and_reports_its_memory_and_the_cpu_lowerin
     assert figures["hbm_total"] == arguments + outputs - aliased + temporaries + code
     assert figures["device_memory"] == h100.hbm_bytes and figures["memory_fraction"] == 0.75
     assert figures["hbm_capacity"] == int(0.75 * h100.hbm_bytes) and figures["fits"]
-    assert figures["kernels"] == "xla" and figures["bytes_per_image"] is None and figures["bound"] == "compute only"
+    assert figures["kernels"] == "gpu" and figures["bytes_per_image"] is None and figures["bound"] == "compute only"
 
     one_cpu = parallel.make_mesh(1, 1, devices=jax.devices("cpu")[:1])
-    program = build_program(tiny("train.batch_size=2", "train.kernels=xla"), one_cpu, abstract=True)
+    program = build_program(tiny("train.batch_size=2", "train.kernels=gpu"), one_cpu, abstract=True)
     lowered = program.step.lower(*program.abstract_arguments()).cost_analysis()
     assert figures["flops_per_image"] * 2 == pytest.approx(lowered["flops"], rel=1e-12)
     assert figures["flops_source"] == dry_run.LOWERED_ON_CPU
@@ -303,7 +347,7 @@ def test_eval_dry_run_on_a_gpu_reports_encode_and_decode(gpu_env):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     figures = last_json(done.stdout)
     for name in ("encode", "decode"):
-        assert figures[name]["fits"] and figures[name]["batch_per_chip"] == 4 and figures[name]["kernels"] == "xla"
+        assert figures[name]["fits"] and figures[name]["batch_per_chip"] == 4 and figures[name]["kernels"] == "gpu"
         assert figures[name]["flops_source"] == dry_run.LOWERED_ON_CPU and figures[name]["flops_per_image"] > 0
         assert figures[name]["hbm_capacity"] == int(0.75 * topology.CHIPS["h200"].hbm_bytes)
     assert figures["decode"]["flops_per_image"] > figures["encode"]["flops_per_image"]
@@ -337,7 +381,7 @@ def test_find_batch_on_gpus_searches_memory_only_then_counts_the_flops_of_the_la
             total=(1 + per_gpu) * 2**30,
             fits=per_gpu <= 12,
             flops_per_image=None,
-            kernels="xla",
+            kernels="gpu",
         )
 
     monkeypatch.setattr(dry_run, "train_step_report", fake_report)
@@ -349,6 +393,6 @@ def test_find_batch_on_gpus_searches_memory_only_then_counts_the_flops_of_the_la
     assert {flops for _, flops in asked} == {False} and asked[0][0] == 8 and 13 in dict(asked)
     figures = last_json(out)
     assert figures["max_batch_per_chip"] == 12 and figures["max_global_batch"] == 96 and figures["batch_per_chip"] == 12
-    want = dry_run.step_flops_on_one_cpu(tiny("train.batch_size=96"), 12, kernels.XLA) / 12
+    want = dry_run.step_flops_on_one_cpu(tiny("train.batch_size=96"), 12, kernels.GPU) / 12
     assert figures["flops_per_image"] == pytest.approx(want) and figures["flops_source"] == dry_run.LOWERED_ON_CPU
     assert "largest batch that fits: 12 per GPU (train.batch_size=96)" in out and "images per GPU" in out

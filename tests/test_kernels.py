@@ -127,8 +127,10 @@ class _Device:
 def test_select_follows_the_devices_not_the_host():
     assert kernels.select("auto", jax.devices()) is kernels.CPU  # the test host's CPU devices
     assert kernels.select("auto", [_Device("tpu")] * 4) is kernels.XLA
-    assert kernels.select("auto", [_Device("gpu")]) is kernels.XLA
+    assert kernels.select("auto", [_Device("gpu")] * 8) is kernels.GPU
+    assert kernels.select("auto", [_Device("gpu"), _Device("tpu")]) is kernels.XLA
     assert kernels.select("xla", jax.devices()) is kernels.XLA
+    assert kernels.select("gpu", [_Device("tpu")]) is kernels.GPU
     assert kernels.select("cpu", [_Device("tpu")]) is kernels.CPU
     with pytest.raises(ValueError, match="'fast' unknown.*auto"):
         kernels.select("fast", jax.devices())
@@ -186,7 +188,9 @@ def _perturbed_resnet_block(chosen, dtype, channels_in, channels_out):
     return graph, jax.tree.unflatten(tree, [a + 0.3 * rng.normal(size=a.shape).astype(a.dtype) for a in leaves])
 
 
-AUTODIFF_XLA = dataclasses.replace(kernels.XLA, written_block_backward=False)
+def test_gpu_kernels_are_xlas_with_autodiffs_block_backward():
+    assert kernels.GPU.name == "gpu" and not kernels.GPU.written_block_backward and kernels.XLA.written_block_backward
+    assert dataclasses.replace(kernels.GPU, name="xla", written_block_backward=True) == kernels.XLA
 
 
 @pytest.mark.parametrize("channels_in, channels_out", [(8, 8), (8, 16)])
@@ -200,7 +204,7 @@ def test_written_block_backward_equals_autodiff_in_both_modes(channels_in, chann
     x = jnp.asarray(rng.normal(size=(2, 12, 10, channels_in)), jnp.float32)
     weights = jnp.asarray(rng.normal(size=(2, 12, 10, channels_out)), jnp.float32)
     results = {}
-    for chosen in (kernels.XLA, AUTODIFF_XLA):
+    for chosen in (kernels.XLA, kernels.GPU):  # written and autodiff's block backward
         graph, state = _perturbed_resnet_block(chosen, jnp.float32, channels_in, channels_out)
         tangents = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape), (state, x))
 
@@ -231,7 +235,7 @@ def test_written_block_backward_moves_fewer_bytes_compiled_for_a_tpu():
     one_chip = jax.sharding.SingleDeviceSharding(topology.slice_devices(topology.parse_slice("v5e:1x1"))[0])
     x = jax.ShapeDtypeStruct((8, 32, 32, 256), jnp.bfloat16, sharding=one_chip)
     moved = {}
-    for chosen in (kernels.XLA, AUTODIFF_XLA):
+    for chosen in (kernels.XLA, kernels.GPU):  # written and autodiff's block backward
         graph, state = nnx.split(
             layers.ResnetBlock(256, 256, groups=32, dtype=jnp.bfloat16, kernels=chosen, rngs=nnx.Rngs(0))
         )

@@ -87,7 +87,7 @@ def build_model(
     kernels: str | Kernels = "auto",
 ):
     """An AutoencoderKL for `cfg`: randomly initialised (`seed`) or holding `params`.
-    kernels: "auto" | "xla" | "cpu" (see `local_kernels`) or a `Kernels`."""
+    kernels: "auto" | "xla" | "gpu" | "cpu" (see `local_kernels`) or a `Kernels`."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     model_kernels = local_kernels(kernels)
     if params is None:
