@@ -35,9 +35,8 @@ from sigmavae_jax.train.step import compile_train_step, make_train_step  # noqa:
 
 
 def compiled_step(name: str, overrides: list[str], lpips):
-    """(compiled G+D step, its compile seconds, run, its FLOPs): `run()` does one step on a
-    fixed batch and waits for it; the FLOPs are XLA's count of the step lowered for one CPU
-    device (`dry_run.step_flops_on_one_cpu`), as a GPU's compiler counts none of its convolutions."""
+    """(compiled G+D step, its compile seconds, run, its kernels): `run()` does one step on a
+    fixed batch and waits for it."""
     cfg = load_config(name, overrides)
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     modules = train_state.build_structure(cfg, kernels.for_mesh(cfg.train.kernels, mesh))
@@ -55,13 +54,16 @@ def compiled_step(name: str, overrides: list[str], lpips):
         holder["state"], metrics = compiled(holder["state"], x, lpips_vars)
         jax.block_until_ready(metrics)
 
-    return compiled, compile_s, run, dry_run.step_flops_on_one_cpu(cfg, batch, modules.kernels)
+    return compiled, compile_s, run, modules.kernels
 
 
 def bench_step(name: str, overrides: list[str], repeats: int, lpips) -> dict[str, float]:
     """Compile time and steady-state images/s of the full step for a config."""
-    _, compile_s, run, step_flops = compiled_step(name, overrides, lpips)
-    batch = load_config(name, overrides).train.batch_size
+    _, compile_s, run, step_kernels = compiled_step(name, overrides, lpips)
+    cfg = load_config(name, overrides)
+    batch = cfg.train.batch_size
+    # XLA's count of the step lowered for one CPU device: a GPU's compiler counts none of its convolutions
+    step_flops = dry_run.step_flops_on_one_cpu(cfg, batch, step_kernels)
     run()  # warm-up
     seconds = median_time(run, repeats)
     return {
