@@ -234,10 +234,15 @@ def gpu_target_config(model: str) -> str:
 def compile_only_environment() -> None:
     """Settings for a process that compiles for slices and runs nothing on them: JAX computes
     on the CPU (a TPU VM's own chips or a GPU machine's GPUs stay free for the job that uses
-    them), and libtpu may be loaded beside other processes that hold it. Call before JAX
-    starts; set variables win."""
+    them), libtpu may be loaded beside other processes that hold it, and it prints no errors
+    about the TPU this host lacks. Call before JAX starts; set variables win."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # libtpu, loaded to describe a slice, looks for the local TPU's type and its hosts' names and
+    # prints errors ("unexpected worker hostname") where it finds none; what it compiles for a
+    # described slice does not depend on them (the same program, checked), so name any one host.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 
 def _gpu_devices(gpus: Slice) -> list:

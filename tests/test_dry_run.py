@@ -3,6 +3,9 @@ config's train step and codec compiled for single- and multi-host slices, their 
 against the compiled program itself."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -42,6 +45,21 @@ def test_cloud_and_jax_slice_names_describe_the_same_chips(name, topology_name, 
     devices = topology.slice_devices(tpu_slice)  # libtpu's description, one device per chip
     assert len(devices) == chips and {d.platform for d in devices} == {"tpu"}
     assert len({d.process_index for d in devices}) == hosts
+
+
+def test_describing_a_slice_on_a_host_without_a_tpu_prints_nothing_on_stderr():
+    # libtpu, finding no local TPU, printed "E0000 ... unexpected worker hostname" above every dry
+    # run's report: an error that was none. A fresh process, without this process' settings.
+    script = (
+        "from sigmavae_jax import topology\n"
+        "topology.compile_only_environment()\n"
+        "print(len(topology.slice_devices(topology.parse_slice('v4-32'))))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TPU_")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["16"]
+    assert out.stderr == ""
 
 
 @pytest.mark.parametrize("name", ["v7-8", "h800", "v5e:3x3", "v4:2x2", "v5litepod-12"])
