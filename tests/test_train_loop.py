@@ -165,6 +165,13 @@ def test_bad_config_values_name_the_key(tmp_path, photos):
         command(tmp_path / "bad", photos, "optim.lr=-1"), env=environment(), capture_output=True, text=True, cwd=REPO
     )
     assert done.returncode == 2 and "optim.lr" in done.stderr
+    # a data path that is not there stops the run before any model or checkpoint folder is made
+    missing = tmp_path / "no_photos"
+    done = subprocess.run(
+        command(tmp_path / "bad", missing), env=environment(), capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 2 and f"image folder '{missing}' does not exist" in done.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
 def free_port() -> int:

@@ -190,19 +190,20 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
     workdir = storage.reachable(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)  # a no-op on Cloud Storage, which has no folders
     main_process = jax.process_index() == 0
-    mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
-    program = build_program(cfg, mesh)
-    modules, lpips_vars = program.modules, program.lpips_vars
-    vae_params = _init_params(init, cfg) if init else None
-    state, shardings = create_state(cfg, modules, mesh, jax.random.key(cfg.seed), vae_params)
 
     with contextlib.ExitStack() as cleanup:  # closed in reverse order, on errors too
-        checkpointer = Checkpointer(workdir, cfg.checkpoint)
-        cleanup.callback(checkpointer.close)
+        # the data first: a wrong path or dataset name stops the run before the models are built
         iterator = data.train_iterator(
             cfg, seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count()
         )
         cleanup.callback(iterator.close)
+        mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
+        program = build_program(cfg, mesh)
+        modules, lpips_vars = program.modules, program.lpips_vars
+        vae_params = _init_params(init, cfg) if init else None
+        state, shardings = create_state(cfg, modules, mesh, jax.random.key(cfg.seed), vae_params)
+        checkpointer = Checkpointer(workdir, cfg.checkpoint)
+        cleanup.callback(checkpointer.close)
         latest = checkpointer.latest_step()
         # Listening before the restore and the compile (minutes on a pod): a notice that comes
         # meanwhile is acted on at the first step instead of being lost.
