@@ -23,8 +23,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# --durations: the slowest tests close the log, so a change that slows the suite shows where
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: setup
 	$(BIN)/ruff check .
