@@ -235,9 +235,11 @@ def compile_only_environment() -> None:
     """Settings for a process that compiles for slices and runs nothing on them: JAX computes
     on the CPU (a TPU VM's own chips or a GPU machine's GPUs stay free for the job that uses
     them), libtpu may be loaded beside other processes that hold it, and it prints no errors
-    about the TPU this host lacks. Call before JAX starts; set variables win."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    about a local TPU. Call before JAX starts; set variables win."""
+    platforms = os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if "tpu" in platforms.lower().split(","):
+        return  # a process told to open this host's TPU needs libtpu to find it as it is
     # libtpu, loaded to describe a slice, looks for the local TPU's type and its hosts' names and
     # prints errors ("unexpected worker hostname") where it finds none; what it compiles for a
     # described slice does not depend on them (the same program, checked), so name any one host.

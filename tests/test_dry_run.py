@@ -62,6 +62,17 @@ def test_describing_a_slice_on_a_host_without_a_tpu_prints_nothing_on_stderr():
     assert out.stderr == ""
 
 
+def test_a_process_told_to_use_the_local_tpu_keeps_libtpu_looking_for_it(monkeypatch):
+    for key in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+    topology.compile_only_environment()
+    assert "TPU_ACCELERATOR_TYPE" not in os.environ and "TPU_WORKER_HOSTNAMES" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    topology.compile_only_environment()
+    assert os.environ["TPU_WORKER_HOSTNAMES"] == "localhost"
+
+
 @pytest.mark.parametrize("name", ["v7-8", "h800", "v5e:3x3", "v4:2x2", "v5litepod-12"])
 def test_unknown_topology_is_a_one_line_error(name, capsys):
     with pytest.raises(topology.UnknownTopology) as error:
