@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-SETTINGS: tuple[str, ...] = ("auto", "xla", "gpu", "cpu")  # what `select` takes (config: train.kernels)
 GPU_PLATFORMS = frozenset({"gpu", "cuda", "rocm"})  # jax's device.platform of a GPU
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -348,15 +347,16 @@ class Kernels:
 XLA = Kernels("xla", jax.lax.conv_general_dilated, upsampled_conv, lax_cond, whole_batch, True)
 GPU = dataclasses.replace(XLA, name="gpu", written_block_backward=False)
 CPU = Kernels("cpu", cpu_conv_general_dilated, cpu_upsampled_conv, select_cond, one_image_at_a_time, False)
+BY_NAME = {chosen.name: chosen for chosen in (XLA, GPU, CPU)}
+SETTINGS: tuple[str, ...] = ("auto", *BY_NAME)  # what `select` takes (config: train.kernels)
 
 
 def select(setting: str, devices: Iterable[Any]) -> Kernels:
     """The kernels for a program compiled for `devices`: "xla", "gpu" or "cpu" as asked;
     "auto": CPU when every device is a CPU, GPU when every device is a GPU, else XLA (TPUs).
     Raises ValueError for another setting, or for "auto" without devices."""
-    named = {"xla": XLA, "gpu": GPU, "cpu": CPU}
-    if setting in named:
-        return named[setting]
+    if setting in BY_NAME:
+        return BY_NAME[setting]
     if setting != "auto":
         raise ValueError(f"kernels setting {setting!r} unknown; use one of {list(SETTINGS)}")
     platforms = {device.platform for device in devices}
