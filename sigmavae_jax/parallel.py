@@ -17,15 +17,22 @@ BATCH_AXES = ("data", "fsdp")  # the batch is split over both axes
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all). data=-1: all devices / fsdp."""
+    """A (data, fsdp) mesh over `devices` (default: all). data=-1: all devices / fsdp.
+
+    Raises ConfigError, naming `train.mesh_fsdp` / `train.mesh_data` and the values that fit
+    the devices, when the two do not multiply to the device count."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
     if fsdp <= 0 or n % fsdp:
-        raise ValueError(f"mesh_fsdp={fsdp} must be a positive divisor of the {n} devices")
+        raise ConfigError(f"train.mesh_fsdp={fsdp} must divide the {n} devices; use one of {divisors}")
     if data == -1:
         data = n // fsdp
     if data <= 0 or data * fsdp != n:
-        raise ValueError(f"mesh_data={data} x mesh_fsdp={fsdp} must equal the {n} devices; set mesh_data=-1 to fill")
+        raise ConfigError(
+            f"train.mesh_data={data} x train.mesh_fsdp={fsdp} must equal the {n} devices; "
+            f"use train.mesh_data=-1 (all devices / mesh_fsdp) or train.mesh_data={n // fsdp}"
+        )
     return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 

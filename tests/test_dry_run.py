@@ -193,6 +193,15 @@ def test_global_batch_that_does_not_split_over_the_chips_is_the_run_error(capsys
         dry_run.train_step_report(tiny("train.batch_size=6"), topology.parse_slice("v5e:2x2"))
 
 
+def test_a_mesh_the_slice_cannot_form_is_the_run_error(capsys):
+    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "v5litepod-4", "train.mesh_fsdp=3"])
+    assert code == 2
+    assert "train.mesh_fsdp=3 must divide the 4 devices; use one of [1, 2, 4]" in capsys.readouterr().err
+    code = train_cli.main(["--config", "tiny", "--dry-run", "--topology", "v4-8", "train.mesh_data=3"])
+    assert code == 2
+    assert "train.mesh_data=3 x train.mesh_fsdp=1 must equal the 4 devices" in capsys.readouterr().err
+
+
 def test_tpu_step_holds_the_conditionals_and_none_of_the_cpu_forms_and_reports_its_own_cost():
     """One compile for v5e:2x2 (2 images per chip): the accelerator program (lax.cond for the
     GAN's two branches, none of the CPU kernels although this host is a CPU), and the report's

@@ -165,6 +165,16 @@ def test_bad_config_values_name_the_key(tmp_path, photos):
         command(tmp_path / "bad", photos, "optim.lr=-1"), env=environment(), capture_output=True, text=True, cwd=REPO
     )
     assert done.returncode == 2 and "optim.lr" in done.stderr
+    # a mesh the devices cannot form: the key, the values that fit, no traceback
+    done = subprocess.run(
+        command(tmp_path / "bad", photos, "train.mesh_fsdp=3"),
+        env=environment(devices=2),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and "train.mesh_fsdp=3 must divide the 2 devices; use one of [1, 2]" in done.stderr
+    assert "Traceback" not in done.stderr
     # a data path that is not there stops the run before any model or checkpoint folder is made
     missing = tmp_path / "no_photos"
     done = subprocess.run(
