@@ -241,6 +241,17 @@ class Config(_Strict):
             )
         return self
 
+    @pydantic.model_validator(mode="after")
+    def _images_fit_the_model(self) -> "Config":
+        multiple, size = self.model.spatial_multiple, self.train.image_size
+        if size % multiple:
+            fits = " or ".join(str(s) for s in (size // multiple * multiple, -(-size // multiple) * multiple) if s > 0)
+            raise ValueError(
+                f"train.image_size={size} must be a multiple of {multiple} for this model (its downsampling, "
+                f"times the latent-norm patch if any); use train.image_size={fits}"
+            )
+        return self
+
 
 def _format_errors(error: pydantic.ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
@@ -248,6 +259,8 @@ def _format_errors(error: pydantic.ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {item['input']!r}); check the spelling")
+        elif not item["loc"]:  # a check across sections: its message names the keys; the input is everything
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item['input']!r})")
     return "\n".join(lines)

@@ -44,6 +44,19 @@ def test_bad_values_name_the_key(override, message):
         load_config("tiny", [override])
 
 
+def test_checks_across_sections_name_the_keys_and_not_the_whole_config():
+    with pytest.raises(ConfigError) as raised:
+        load_config("nextstep1_f8c16", ["train.image_size=250"])
+    # 8x downsampling times the 2x2 latent-norm patch
+    assert "train.image_size=250 must be a multiple of 16" in str(raised.value)
+    assert "use train.image_size=240 or 256" in str(raised.value)
+    with pytest.raises(ConfigError) as raised:
+        load_config("tiny", ["data.source=folder", "data.path=photos", "data.resize=16"])
+    assert "data.resize=16 is smaller than train.image_size=64" in str(raised.value)
+    assert "'model'" not in str(raised.value) and len(str(raised.value).splitlines()) == 2
+    assert load_config("tiny", ["train.image_size=36"]).train.image_size == 36
+
+
 def test_unknown_config_name_lists_the_known_ones():
     with pytest.raises(ConfigError, match="nextstep1_f8c16"):
         load_config("no_such_config")
