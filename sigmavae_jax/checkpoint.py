@@ -74,22 +74,32 @@ def save_params(path: str | storage.Path, params: dict[str, Any], config: Config
 
 def load_params(path: str | storage.Path) -> tuple[dict[str, Any], Config]:
     """Reads a params export (local or gs://): (nested dict of arrays with list indices as
-    ints, config). Raises FileNotFoundError if `path` is not one, StorageError if its bucket
-    cannot be reached."""
+    ints, config). Raises FileNotFoundError if `path` is not one, ValueError if its config or
+    its Orbax metadata cannot be read (a damaged export), StorageError if its bucket cannot be
+    reached."""
     path = storage.reachable(path)
     if not is_params_export(path):
         raise FileNotFoundError(
             f"{path} is not a sigmavae_jax params export (expected {PARAMS_DIR}/ and "
             f"{CONFIG_FILE}); convert torch weights with `python convert_torch_weights.py SRC {path}`"
         )
-    config = from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()) or {}, str(path / CONFIG_FILE))
-    checkpointer = ocp.StandardCheckpointer()
+    redo = "copy the export again, or export or convert it again"
+    try:
+        tree = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path / CONFIG_FILE} is not valid YAML ({problem}): a damaged export; {redo}") from None
+    config = from_dict(tree, str(path / CONFIG_FILE))
     # Restored into host numpy arrays of the stored shapes and dtypes: without a target Orbax
     # would place them by the saving run's device layout, which another process count refuses.
-    stored = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree
-    restored = checkpointer.restore(
-        path / PARAMS_DIR, jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), stored)
-    )
+    # Closed on errors too: a checkpointer left open floods stderr from its threads at exit.
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path / PARAMS_DIR).item_metadata
+        if metadata is None:
+            raise ValueError(f"{path / PARAMS_DIR} holds no readable Orbax checkpoint: a damaged export; {redo}")
+        restored = checkpointer.restore(
+            path / PARAMS_DIR, jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), metadata.tree)
+        )
     return _int_keys(restored), config
 
 

@@ -92,6 +92,18 @@ class ModelConfig(_Strict):
         patch = self.latent_norm_patch if self.latent_norm == "patch_layernorm" else 1
         return self.downsample_factor * patch
 
+    def size_problem(self, size: int, option: str) -> str | None:
+        """None if square images of `size` fit the model, else why not and the sizes that do,
+        for an error about the setting `option` (e.g. "--size " or "train.image_size=")."""
+        multiple = self.spatial_multiple
+        if size % multiple == 0:
+            return None
+        fits = " or ".join(f"{option}{s}" for s in (size // multiple * multiple, -(-size // multiple) * multiple) if s)
+        return (
+            f"{option}{size} must be a multiple of {multiple} for this model (its downsampling, times the "
+            f"latent-norm patch if any); use {fits}"
+        )
+
 
 class LossConfig(_Strict):
     """The reference `GeneralLPIPSWithDiscriminator`."""
@@ -243,13 +255,9 @@ class Config(_Strict):
 
     @pydantic.model_validator(mode="after")
     def _images_fit_the_model(self) -> "Config":
-        multiple, size = self.model.spatial_multiple, self.train.image_size
-        if size % multiple:
-            fits = " or ".join(str(s) for s in (size // multiple * multiple, -(-size // multiple) * multiple) if s > 0)
-            raise ValueError(
-                f"train.image_size={size} must be a multiple of {multiple} for this model (its downsampling, "
-                f"times the latent-norm patch if any); use train.image_size={fits}"
-            )
+        problem = self.model.size_problem(self.train.image_size, "train.image_size=")
+        if problem:
+            raise ValueError(problem)
         return self
 
 

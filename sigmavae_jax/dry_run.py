@@ -410,7 +410,11 @@ def codec_reports(
     keep: dict | None = None,
 ) -> list[Report]:
     """Encode and decode, as a codec runs them, compiled for `tpu_slice` on a global batch of
-    `batch_size` images of size x size split over its chips (parameters replicated)."""
+    `batch_size` images of size x size split over its chips (parameters replicated). Raises
+    ValueError when `size` does not fit the model or the batch does not split over the chips."""
+    problem = model_cfg.size_problem(size, "--size ")
+    if problem:
+        raise ValueError(problem)
     mesh = parallel.make_mesh(-1, 1, devices=topology.slice_devices(tpu_slice))
     unit = tpu_slice.chip.unit
     if batch_size % mesh.size:

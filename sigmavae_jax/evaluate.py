@@ -24,6 +24,7 @@ import dataclasses
 import io
 import json
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -64,7 +65,10 @@ def _mesh_and_local_batch(settings: EvalSettings):
     ValueError unless settings.batch_size is a multiple of the device count."""
     mesh = parallel.make_mesh(-1, 1)
     if settings.batch_size % mesh.size:
-        raise ValueError(f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices")
+        fits = max(mesh.size, settings.batch_size // mesh.size * mesh.size)
+        raise ValueError(
+            f"batch size {settings.batch_size} (--batch-size) must be a multiple of the {mesh.size} devices; use {fits}"
+        )
     return mesh, settings.batch_size // jax.process_count()
 
 
@@ -154,6 +158,17 @@ class _EvalLoop:
         """{"skipped": number of unreadable files, "files": their names}, over all processes (in
         process order; every process gets the same). With several processes every one must call it."""
         return _merged_skips(self._batches.skipped())
+
+
+def _no_image(cfg: Config) -> ValueError:
+    """The error for data that gave no image: where it looked, and what to check."""
+    source = cfg.data
+    where = (
+        f"the image folder data.path={source.path}"
+        if source.source == "folder"
+        else f"tfds data.name={source.name} data.eval_split={source.eval_split}"
+    )
+    return ValueError(f"no readable image in {where}; files that could not be decoded were named in warnings above")
 
 
 def _add_rows(totals: dict[str, Any], batch: _Batch, names: Iterable[str]) -> None:
@@ -279,6 +294,7 @@ def evaluate(
     """
     writer = jax.process_index() == 0
     reference_stats = storage.reachable(reference_stats) if reference_stats is not None else None
+    cached_reference = read_reference(reference_stats, settings) if inception is not None else None
     out_dir = storage.reachable(out_dir) if out_dir is not None else None
     lpips_graph, lpips_vars = _graph_and_variables(lpips)
     inception_graph, inception_vars = _graph_and_variables(inception)
@@ -310,7 +326,7 @@ def evaluate(
     sums = sum_over_processes(sums)  # the one cross-process step, after the last batch
     count = int(round(float(sums["count"])))
     if count == 0:
-        raise ValueError("no readable image in the evaluation data")
+        raise _no_image(cfg)
     report: dict[str, Any] = {
         "images": count,
         "psnr": float(sums["psnr"]) / count,
@@ -326,7 +342,7 @@ def evaluate(
             metrics.FeatureStats(FEATURE_DIM).add(count, sums[f"{n}_total"], sums[f"{n}_outer"])
             for n in ("real", "fake")
         )
-        mu_real, sigma_real = _reference(real, reference_stats, settings)
+        mu_real, sigma_real = _reference(real, cached_reference, reference_stats, settings)
         mu_fake, sigma_fake = fake.mean_cov()
         report["rfid"] = metrics.frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake)
     if out_dir is not None and writer:
@@ -335,11 +351,40 @@ def evaluate(
     return report
 
 
-def _reference(real: metrics.FeatureStats, path: storage.Path | None, settings: EvalSettings):
-    """The originals' statistics: from `path` (local or gs://) if it exists, checked to be over
-    as many images, else computed here and written to `path` by process 0 (whole or not at all)."""
-    if path is not None and path.exists():
-        cached = np.load(io.BytesIO(path.read_bytes()))
+_REFERENCE_KEYS = ("mu", "sigma", "count", "size", "rounding")
+
+
+def read_reference(path: storage.Path | None, settings: EvalSettings) -> dict[str, np.ndarray] | None:
+    """The cached originals' statistics at `path` (None: no such file, or no path), checked before
+    any image is read: an .npz written by `evaluate` at the same --size and --fid-rounding.
+    Raises ValueError naming the file and the fix otherwise."""
+    if path is None or not path.exists():
+        return None
+    fix = "delete it (it is written again) or pass another --reference-stats"
+    if path.is_dir():
+        raise ValueError(f"reference statistics {path} is a folder, not an .npz file; {fix}")
+    try:
+        with np.load(io.BytesIO(path.read_bytes())) as archive:
+            cached = {key: archive[key] for key in _REFERENCE_KEYS if key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"reference statistics {path} are not a readable .npz ({error}); {fix}") from None
+    missing = [key for key in _REFERENCE_KEYS if key not in cached]
+    if missing:
+        raise ValueError(f"reference statistics {path} have no {', '.join(missing)}: not written by eval.py; {fix}")
+    made_with = {"size": int(cached["size"]), "fid_rounding": str(cached["rounding"])}
+    now = {"size": settings.size, "fid_rounding": settings.fid_rounding}
+    if made_with != now:
+        made = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in made_with.items())
+        raise ValueError(f"reference statistics {path} were made with {made}; this evaluation differs; {fix}")
+    return cached
+
+
+def _reference(
+    real: metrics.FeatureStats, cached: dict[str, np.ndarray] | None, path: storage.Path | None, settings: EvalSettings
+):
+    """The originals' statistics: `cached` (from `read_reference`), checked to be over as many
+    images, else computed here and written to `path` by process 0 (whole or not at all)."""
+    if cached is not None:
         if int(cached["count"]) != real.count:
             raise ValueError(
                 f"reference statistics {path} are over {int(cached['count'])} images, this evaluation "
@@ -380,7 +425,7 @@ def latent_statistics(codec: Codec, cfg: Config, settings: EvalSettings, *, prog
         _EvalLoop(cfg, settings, batch_values, codec.params, progress=progress), ("positions", "sum", "squares")
     )
     if sums["count"] == 0:
-        raise ValueError("no readable image in the data")
+        raise _no_image(cfg)
     count, total, squares = float(sums["positions"]), sums["sum"], sums["squares"]
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
@@ -443,7 +488,7 @@ def robustness(
     sums = _merged_row_sums(loop, ("psnr", "lpips") if lpips is not None else ("psnr",))
     count = float(sums["count"])
     if count == 0:
-        raise ValueError("no readable image in the data")
+        raise _no_image(cfg)
     return [
         {
             "sigma": float(sigma),
@@ -501,7 +546,7 @@ def latent_figure_data(
             reservoir[slots[keep]] = rows[fill:][keep]
         seen += len(rows)
     if seen == 0:
-        raise ValueError("no readable image in the data")
+        raise _no_image(cfg)
     figure_data = {name: np.concatenate(parts) for name, parts in shown.items()}
     figure_data["values"] = reservoir[: min(seen, max_values)]
     figure_data["positions"] = seen

@@ -49,7 +49,7 @@ def test_checks_across_sections_name_the_keys_and_not_the_whole_config():
         load_config("nextstep1_f8c16", ["train.image_size=250"])
     # 8x downsampling times the 2x2 latent-norm patch
     assert "train.image_size=250 must be a multiple of 16" in str(raised.value)
-    assert "use train.image_size=240 or 256" in str(raised.value)
+    assert "use train.image_size=240 or train.image_size=256" in str(raised.value)
     with pytest.raises(ConfigError) as raised:
         load_config("tiny", ["data.source=folder", "data.path=photos", "data.resize=16"])
     assert "data.resize=16 is smaller than train.image_size=64" in str(raised.value)

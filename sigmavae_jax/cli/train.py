@@ -7,10 +7,10 @@ A thin shell over `sigmavae_jax.train.loop.train`; --help lists every config key
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from sigmavae_jax.cli import dry_run
+from sigmavae_jax import logs
+from sigmavae_jax.cli import dry_run, shared_args
 from sigmavae_jax.config import ConfigError, describe_keys, load_config
 
 EXAMPLES = """\
@@ -57,14 +57,8 @@ def parse_args(argv):
         help="start from a params export (convert_torch_weights.py output) or a Hugging Face Hub VAE, "
         "owner/name[/subfolder][@revision] (e.g. stabilityai/sdxl-vae), converted once and cached",
     )
-    parser.add_argument(
-        "--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods, SLURM: auto-detected)"
-    )
-    parser.add_argument(
-        "--coordinator", metavar="HOST:PORT", help="explicit multi-process launch: the coordinator address"
-    )
-    parser.add_argument("--num-processes", type=int, help="explicit multi-process launch: number of processes")
-    parser.add_argument("--process-id", type=int, help="explicit multi-process launch: this process's index")
+    shared_args.add_multiprocess_arguments(parser)
+    shared_args.add_verbose_flag(parser)
     dry_run.add_arguments(parser, "the step")
     parser.add_argument(
         "--find-batch",
@@ -74,19 +68,20 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--dump-top",
-        type=int,
+        type=shared_args.non_negative_int,
         default=0,
         metavar="N",
         help="with --dry-run: list the N operations of the compiled step that move the most HBM bytes",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=1000")
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between options
+    shared_args.check_multiprocess_arguments(parser, args)
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # force: imported libraries (absl via grain) may already have configured the root logger
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logs.setup(verbose=args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:
