@@ -73,7 +73,7 @@ def test_conversion_to_gs_loads_exactly_like_the_local_export(gcs, ldm_source, t
         cwd=REPO,
         env={**os.environ, **gcs.environment()},
     )
-    assert done.returncode == 1 and "not empty" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.returncode == 2 and "not empty" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_ldm_file_and_weight_files_on_gs(gcs, ldm_source, tmp_path):
@@ -156,7 +156,7 @@ def test_a_missing_bucket_is_one_line_naming_it(gcs, ldm_source):
         cwd=REPO,
         env={**os.environ, **gcs.environment()},
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: gs://no-such-bucket/out: the bucket gs://no-such-bucket does not exist or is not visible to these "
         "credentials (create it with `gcloud storage buckets create gs://no-such-bucket`)"
@@ -179,7 +179,7 @@ def test_an_endpoint_that_does_not_answer_times_out_in_one_line(ldm_source):
         timeout=120,
     )
     elapsed = time.perf_counter() - start
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: gs://bucket/out: Cloud Storage did not answer within 5 s (check the network, the bucket name and "
         f"the credentials; {storage.TIMEOUT_ENV} sets the limit)"

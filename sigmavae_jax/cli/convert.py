@@ -1,7 +1,8 @@
 """Convert PyTorch AutoencoderKL weights (SD, SDXL, FLUX, NextStep-1) for sigmavae_jax:
 `sigmavae-convert SRC OUT` (or `python convert_torch_weights.py SRC OUT` in a checkout).
 
-A thin shell over `sigmavae_jax.convert.convert`; run with --help for examples.
+A thin shell over `sigmavae_jax.convert.convert`; run with --help for examples. Exit status:
+0 converted, 2 bad input or usage (one `error: ...` line on stderr, OUT not written).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ sigmavae_jax.load, train.py --init and eval.py --checkpoint also take a Hugging 
 """
 
 
+# Flags that only a VAE conversion reads, and the defaults of those that have one.
+VAE_ONLY = ("config", "to", "dtype")
+VAE_DEFAULTS = {"to": "jax", "dtype": "float32"}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Convert PyTorch AutoencoderKL weights (LDM/CompVis or diffusers keys) to a\n"
@@ -72,17 +78,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a config in configs/ (sd, sdxl, flux, nextstep1_f8c16, ...) or a YAML path; "
         "its architecture must match the weights, and its latent conventions are used",
     )
+    # --to and --dtype default to None so that parse_args can tell a flag given alongside
+    # --inception/--lpips-heads (where it would do nothing) from one left out; see VAE_DEFAULTS.
     parser.add_argument(
         "--to",
         choices=("jax", "diffusers", "ldm"),
-        default="jax",
-        help="output format (default: jax, the export that sigmavae_jax.load reads)",
+        help=f"output format (default: {VAE_DEFAULTS['to']}, the export that sigmavae_jax.load reads)",
     )
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
-        default="float32",
-        help="dtype of the written weights (default: float32)",
+        help=f"dtype of the written weights (default: {VAE_DEFAULTS['dtype']})",
     )
     parser.add_argument(
         "--lpips-heads",
@@ -97,7 +103,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="SRC is pytorch-fid's pt_inception-2015-12-05-6726825d.pth; write the FID Inception-v3 "
         "weights to OUT (.npz or .safetensors) for eval.py --inception",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _check_modes(parser, args)
+    for name, default in VAE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
+
+
+def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits with status 2 and one `error:` line when --inception and --lpips-heads are both
+    given, or when either comes with a flag that only a VAE conversion reads."""
+    if args.inception and args.lpips_heads is not None:
+        parser.exit(
+            2,
+            "error: --inception and --lpips-heads are mutually exclusive (each converts different "
+            "weights); run the command once for each\n",
+        )
+    mode = "--inception" if args.inception else "--lpips-heads" if args.lpips_heads is not None else None
+    given = [f"--{name}" for name in VAE_ONLY if getattr(args, name) is not None]
+    if mode and given:
+        flags = " and ".join([", ".join(given[:-1]), given[-1]] if len(given) > 1 else given)
+        verb, pronoun = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        parser.exit(2, f"error: {flags} {verb} to VAE conversion only; leave {pronoun} out with {mode}\n")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -119,15 +147,16 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"Inception weights written to {convert_inception_torch(args.src, args.out)}")
             return 0
-        if args.lpips_heads:
+        if args.lpips_heads is not None:
             from sigmavae_jax.convert.lpips_torch import convert_lpips_torch
 
             print(f"LPIPS weights written to {convert_lpips_torch(args.src, args.lpips_heads, args.out)}")
             return 0
         summary = convert(args.src, args.out, config=args.config, to=args.to, dtype=args.dtype)
     except (ConversionError, ConfigError, StorageError) as error:
+        # All are bad input (a missing or wrong SRC, --config or OUT), like eval.py and train.py.
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(format_summary(summary))
     return 0
 

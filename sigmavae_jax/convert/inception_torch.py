@@ -22,9 +22,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from sigmavae_jax import storage
-from sigmavae_jax.convert.errors import ConversionError, shape_str
+from sigmavae_jax.convert.errors import ConversionError, SourceNotFoundError, key_summary, shape_str
 from sigmavae_jax.convert.lpips_torch import read_torch_state_dict
-from sigmavae_jax.messages import listing
+from sigmavae_jax.convert.writers import check_weight_file_output
 from sigmavae_jax.models.inception import (
     FEATURE_DIM,
     TORCH_WEIGHTS_NAME,
@@ -56,7 +56,8 @@ def torch_inception_shapes(*, include_fc: bool = False) -> dict[str, tuple[int, 
 
 
 def _check_torch_keys(state: Mapping[str, np.ndarray], source: str) -> None:
-    """Raises one ConversionError naming every missing, unexpected and mis-shaped key."""
+    """Raises one ConversionError counting the missing, unexpected and mis-shaped keys and
+    naming the first few of each, on one line."""
     expected = torch_inception_shapes()
     # The classifier is optional, but if present its shape tells the FID weights (1008
     # classes) from torchvision's ImageNet Inception (1000), which gives different features.
@@ -64,23 +65,21 @@ def _check_torch_keys(state: Mapping[str, np.ndarray], source: str) -> None:
     missing = [f"{k} expected {shape_str(v)}" for k, v in expected.items() if k not in state]
     unexpected = [k for k in state if k not in expected and k not in optional and not k.endswith(IGNORED_SUFFIX)]
     misshaped = [
-        f"{k} got {shape_str(np.shape(state[k]))}, expected {shape_str(shape)}"
+        f"{k} got {shape_str(np.shape(state[k]))} instead of {shape_str(shape)}"
         for k, shape in {**expected, **optional}.items()
         if k in state and tuple(np.shape(state[k])) != tuple(shape)
     ]
     if not (missing or unexpected or misshaped):
         return
-    lines = [f"{source}: not pytorch-fid's FID Inception-v3 state dict ({TORCH_WEIGHTS_NAME}):"]
-    lines += listing("missing keys", missing)
-    lines += listing("unexpected keys", unexpected)
-    lines += listing("mis-shaped", misshaped)
+    problems = key_summary([("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", misshaped)])
+    message = f"{source}: not pytorch-fid's FID Inception-v3 state dict ({TORCH_WEIGHTS_NAME}): {problems}"
     if any(k.startswith("AuxLogits.") for k in unexpected) or any(k.startswith("fc.") for k in misshaped):
-        lines.append(
-            "  This looks like torchvision's ImageNet Inception-v3 (AuxLogits / 1000 classes). "
+        message += (
+            ". This looks like torchvision's ImageNet Inception-v3 (AuxLogits / 1000 classes). "
             f"FID needs pytorch-fid's weights, {TORCH_WEIGHTS_NAME}, from the pytorch-fid "
             "GitHub releases."
         )
-    raise ConversionError("\n".join(lines))
+    raise ConversionError(message)
 
 
 def inception_arrays_from_torch(
@@ -96,7 +95,7 @@ def inception_arrays_from_torch(
       `{name}.conv.kernel` (kh, kw, C_in, C_out) and `{name}.bn.{scale,bias,mean,var}`
       (C_out,), float32.
     Raises:
-      ConversionError listing every missing, unexpected and mis-shaped key at once.
+      ConversionError counting every missing, unexpected and mis-shaped key at once.
     """
     _check_torch_keys(state, source)
     oihw_to_hwio = (2, 3, 1, 0)
@@ -116,9 +115,9 @@ def read_inception_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     error. Loaded with `weights_only=True`: a file that needs arbitrary Python objects is refused.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"torch weights file {path} does not exist. Download {TORCH_WEIGHTS_NAME} from the "
+    if not path.exists():
+        raise SourceNotFoundError(
+            f"{path}: no such file or folder; download {TORCH_WEIGHTS_NAME} from the "
             "pytorch-fid GitHub releases (https://github.com/mseitzer/pytorch-fid/releases/"
             f"download/fid_weights/{TORCH_WEIGHTS_NAME})"
         )
@@ -133,11 +132,14 @@ def convert_inception_torch(pth_path: str | os.PathLike, out_path: str | os.Path
       out_path: the file to write, `.npz` or `.safetensors` (read it with `load_inception`).
     Returns:
       out_path as a Path.
+    Raises:
+      ConversionError (one line, naming the file) before reading anything if out_path exists,
+      cannot be created or has another suffix, and for a missing, unreadable or wrong pth_path;
+      out_path is then not written.
     """
     out_path = storage.path(out_path)
-    if out_path.suffix not in (".npz", ".safetensors"):
-        # Checked before reading, so a typo does not cost a full conversion.
-        raise ConversionError(f"out_path {out_path} must end in .npz or .safetensors")
+    # Checked before reading, so a typo does not cost a full conversion.
+    check_weight_file_output(out_path)
     state = read_inception_state_dict(pth_path)
     arrays = inception_arrays_from_torch(state, source=str(pth_path))
     return save_inception_weights(out_path, arrays)

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import os
 import pathlib
-import pickle
-import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 
 from sigmavae_jax import storage
-from sigmavae_jax.convert.errors import ConversionError, shape_str
-from sigmavae_jax.messages import listing
+from sigmavae_jax.convert.errors import ConversionError, SourceNotFoundError, key_summary, shape_str
+from sigmavae_jax.convert.readers import TORCH_LOAD_ERRORS, torch_load_error
+from sigmavae_jax.convert.writers import check_weight_file_output
 from sigmavae_jax.models.lpips import (
     NUM_CONVS,
     VGG16_STAGES,
@@ -71,24 +70,28 @@ def _check_keys(
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected and not (ignored_prefix and k.startswith(ignored_prefix))]
     misshaped = [
-        f"{k} got {shape_str(state[k].shape)}, expected {shape_str(expected[k])}"
+        f"{k} got {shape_str(state[k].shape)} instead of {shape_str(expected[k])}"
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k])
     ]
     if not (missing or unexpected or misshaped):
         return
-    lines = [f"{source}: not {what}:"]
-    lines += listing("missing keys", [f"{k} expected {shape_str(expected[k])}" for k in missing])
-    lines += listing("unexpected keys", unexpected)
-    lines += listing("mis-shaped", misshaped)
+    problems = key_summary(
+        [
+            ("missing keys", [f"{k} expected {shape_str(expected[k])}" for k in missing]),
+            ("unexpected keys", unexpected),
+            ("mis-shaped", misshaped),
+        ]
+    )
+    message = f"{source}: not {what}: {problems}"
     if missing and any(k in state for k in other_keys):
-        lines.append("  It holds the other file's keys: were vgg_path and lin_path swapped?")
+        message += ". It holds the other file's keys: were vgg_path and lin_path swapped?"
     elif unexpected and any(k.startswith("features.") for k in unexpected):
-        lines.append(
-            "  Its `features` convs sit elsewhere: LPIPS uses plain VGG16 (vgg16-397923af.pth), "
+        message += (
+            ". Its `features` convs sit elsewhere: LPIPS uses plain VGG16 (vgg16-397923af.pth), "
             "not vgg16_bn or another variant."
         )
-    raise ConversionError("\n".join(lines))
+    raise ConversionError(message)
 
 
 def lpips_arrays_from_torch(
@@ -151,31 +154,27 @@ def read_torch_state_dict(
     out; any other non-float tensor is an error. `alternative` follows the install hint when
     torch is missing. Loaded with `weights_only=True`: a file that needs arbitrary Python
     objects is refused.
+
+    Raises SourceNotFoundError (a ConversionError and a FileNotFoundError) for a missing file,
+    and a one-line ConversionError naming the file for anything unreadable.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"torch weights file {path} does not exist")
+    if not path.exists():
+        raise SourceNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        raise ConversionError(f"{path} is a folder; give the torch weights file itself")
     try:
         import torch
     except ImportError:
         raise ConversionError(
             f"reading {path} needs PyTorch, which is not installed: pip install 'sigmavae_jax[torch]'{alternative}"
         ) from None
+    from safetensors import SafetensorError  # torch.load hands *.safetensors paths to safetensors
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        zipfile.BadZipFile,
-    ) as error:
-        raise ConversionError(
-            f"{path}: torch.load(weights_only=True) failed ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}). "
-            "The file is truncated or corrupt, or not a plain state dict; download it again."
-        ) from None
+    except (*TORCH_LOAD_ERRORS, SafetensorError) as error:
+        raise torch_load_error(path, error) from None
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
     state = {}
@@ -201,11 +200,14 @@ def convert_lpips_torch(
       out_path: the file to write, `.npz` or `.safetensors` (read it with `LPIPS.from_file`).
     Returns:
       out_path as a Path.
+    Raises:
+      ConversionError (one line, naming the file) before reading anything if out_path exists,
+      cannot be created or has another suffix, and for missing, unreadable or wrong inputs;
+      out_path is then not written.
     """
     out_path = storage.path(out_path)
-    if out_path.suffix not in (".npz", ".safetensors"):
-        # Checked before the slow part, so a typo does not cost a full conversion.
-        raise ConversionError(f"out_path {out_path} must end in .npz or .safetensors")
+    # Checked before the slow part, so a typo does not cost a full conversion.
+    check_weight_file_output(out_path)
     arrays = lpips_arrays_from_torch(
         read_torch_state_dict(vgg_path),
         read_torch_state_dict(lin_path),

@@ -17,8 +17,7 @@ from sigmavae_jax import storage
 from sigmavae_jax.checkpoint import is_params_export, load_params
 from sigmavae_jax.config import Config, ModelConfig, to_dict
 from sigmavae_jax.convert import infer, keymaps, readers, writers
-from sigmavae_jax.convert.errors import ConversionError, ConversionWarning, shape_str
-from sigmavae_jax.messages import listing
+from sigmavae_jax.convert.errors import ConversionError, ConversionWarning, key_summary, shape_str
 from sigmavae_jax.models import params as param_tree
 
 ConfigArg = str | os.PathLike | Config | ModelConfig | None
@@ -60,8 +59,9 @@ def _plan(
 ) -> list[tuple[keymaps.ParamSlot, str]]:
     """Pairs every model parameter with exactly one source tensor (by file name).
 
-    Raises ONE ConversionError listing all missing, unexpected and mis-shaped tensors, named
-    and shaped as in the source file so they can be found there.
+    Raises ONE ConversionError, on one line, counting the missing, unexpected and mis-shaped
+    tensors and naming the first few of each as they are named and shaped in the source file,
+    so they can be found there.
     """
     n_levels = len(model.ch_mult)
     plan, missing, misshaped = [], [], []
@@ -71,21 +71,21 @@ def _plan(
         if name is None:
             missing.append(f"{keymaps.source_name(slot.ldm_key, layout, n_levels, prefix)} expected {expected}")
         elif not keymaps.accepts_torch_shape(slot.kind, slot.shape, tensors[name].shape):
-            misshaped.append(f"{name} got {shape_str(tensors[name].shape)}, expected {expected}")
+            misshaped.append(f"{name} got {shape_str(tensors[name].shape)} instead of {expected}")
         else:
             plan.append((slot, name))
     used = {slot.ldm_key for slot in keymaps.param_slots(model)}
     unexpected = [f"{name} {shape_str(tensors[name].shape)}" for key, name in canonical.items() if key not in used]
     if not (missing or unexpected or misshaped):
         return plan
-    lines = [f"{path} ({layout} keys) does not fit the model ({_describe(model)}; {origin}):"]
-    lines += listing("missing", missing) + listing("unexpected", unexpected) + listing("mis-shaped", misshaped)
+    problems = key_summary([("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)])
+    message = f"{path} ({layout} keys) does not fit the model ({_describe(model)}; {origin}): {problems}"
     if any(".attn." in line for line in unexpected):
-        lines.append(
-            "Attention blocks inside the down/up levels (e.g. encoder.down.N.attn) are not "
+        message += (
+            ". Attention blocks inside the down/up levels (e.g. encoder.down.N.attn) are not "
             "supported: this model has attention only in the mid blocks."
         )
-    raise ConversionError("\n".join(lines))
+    raise ConversionError(message)
 
 
 def _emit(messages: list[str]) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sigmavae_jax.checkpoint import is_params_export
-from sigmavae_jax.convert.errors import ConversionError
+from sigmavae_jax.convert.errors import ConversionError, SourceNotFoundError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -136,8 +136,8 @@ def _untrusted_objects_error(path: pathlib.Path, error: Exception) -> Conversion
     return ConversionError(
         f"{path}: torch will not load it with weights_only=True because it holds Python "
         f"objects besides tensors ({detail}). If you trust the file, save its tensors as "
-        "safetensors and convert that:\n"
-        '  python -c "import torch, safetensors.torch as s; '
+        "safetensors and convert that: "
+        'python -c "import torch, safetensors.torch as s; '
         f"sd = torch.load('{path}', map_location='cpu', weights_only=False); "
         "sd = sd.get('state_dict', sd); "
         "s.save_file({k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}, "
@@ -157,12 +157,8 @@ class TorchFile:
         try:
             # mmap needs the zip format (torch >= 1.6); legacy pickles load fully.
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except pickle.UnpicklingError as error:
-            if "Unsupported global" in str(error):
-                raise _untrusted_objects_error(path, error) from None
-            raise corrupt_file_error(path, _first_line(error)) from None
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-            raise corrupt_file_error(path, _first_line(error)) from None
+        except TORCH_LOAD_ERRORS as error:
+            raise torch_load_error(path, error) from None
         state, self.nesting = _find_state_dict(obj, path, torch.is_tensor)
         self._state = {str(k): v for k, v in state.items() if torch.is_tensor(v)}
         self.non_tensors = [str(k) for k, v in state.items() if not torch.is_tensor(v)]
@@ -183,6 +179,44 @@ class TorchFile:
 def _first_line(error: Exception) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
+
+
+# What torch.load raises for a file it cannot read: refused or broken pickles, truncated zip
+# archives, short reads, I/O errors.
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile)
+# torch >= 2.6 puts its diagnosis after this marker, behind a preamble that advises retrying
+# with weights_only=False: wrong for a corrupt file, and unsafe for an untrusted one.
+_UNPICKLER_MARKER = "WeightsUnpickler error:"
+
+
+def _torch_detail(error: Exception) -> str:
+    text = str(error)
+    if _UNPICKLER_MARKER in text:
+        text = text.split(_UNPICKLER_MARKER, 1)[1].split("Check the documentation of torch.load")[0]
+        return " ".join(text.split()) or type(error).__name__
+    return _first_line(error)
+
+
+def torch_load_error(path: pathlib.Path, error: Exception) -> ConversionError:
+    """The one-line ConversionError for a failed `torch.load(path, weights_only=True)`.
+
+    Names a file that is not a torch checkpoint at all (neither the zip archive nor the pickle
+    that torch.save writes) as such, never passes on torch's advice to load with
+    weights_only=False, and explains files refused for holding Python objects.
+    """
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+        return _untrusted_objects_error(path, error)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:  # torch.load reads those with safetensors
+        try:
+            not_torch = _sniff_format(path) is None
+        except OSError:  # unreadable: pass on torch's reason rather than guess at the contents
+            not_torch = False
+        if not_torch:
+            return ConversionError(
+                f"{path}: not a torch checkpoint (torch.save writes a zip archive or a pickle, and "
+                "this file is neither); give the .pth/.pt/.ckpt weights file itself"
+            )
+    return corrupt_file_error(path, _torch_detail(error))
 
 
 def _find_state_dict(obj: Any, path: pathlib.Path, is_tensor) -> tuple[Mapping, list[str]]:
@@ -276,7 +310,7 @@ def open_source(src: str | pathlib.Path) -> Source:
     """Resolves SRC (a weights file or a model folder) into an open `Source`."""
     path = pathlib.Path(src).expanduser()
     if not path.exists():
-        raise ConversionError(f"{path}: no such file or folder")
+        raise SourceNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
         if is_params_export(path):
             raise ConversionError(f"{path} is already a sigmavae_jax params export; load it with sigmavae_jax.load()")

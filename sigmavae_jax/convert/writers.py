@@ -23,10 +23,27 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_CONFIG = "config.json"
 
 
+WEIGHT_FILE_SUFFIXES = (".npz", ".safetensors")  # what the Inception and LPIPS loaders read
+
+
+def _check_parents(out: storage.Path) -> None:
+    """Raises if the nearest existing parent of `out` is a file, so `out` could never be made."""
+    if storage.is_remote(out):
+        return  # object stores have no folders, so nothing above a key can be in the way
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConversionError(
+                    f"{out} cannot be created because {parent} is a file, not a folder; choose another path"
+                )
+            return
+
+
 def check_output(out: storage.Path, to: str) -> None:
     """Raises before any work is done if `out` cannot be written: never overwrite anything."""
     if to not in TARGETS:
         raise ConversionError(f"output format {to!r} unknown; use one of {list(TARGETS)}")
+    _check_parents(out)
     if to == "ldm":
         if out.is_dir():
             raise ConversionError(f"{out} is a folder; --to ldm writes one file, e.g. {out / 'vae.safetensors'}")
@@ -39,6 +56,16 @@ def check_output(out: storage.Path, to: str) -> None:
         raise ConversionError(f"{out} is a file; --to {to} writes a folder, give a new folder path")
     if out.is_dir() and any(out.iterdir()):
         raise ConversionError(f"{out} exists and is not empty; choose a new output folder (nothing is overwritten)")
+
+
+def check_weight_file_output(out: storage.Path) -> None:
+    """Raises before any work is done unless `out` is a new `.npz` or `.safetensors` file that
+    can be created (an Inception or LPIPS weight file): nothing is ever overwritten."""
+    if out.suffix not in WEIGHT_FILE_SUFFIXES:
+        raise ConversionError(f"{out} must end in .npz or .safetensors")
+    if out.exists():
+        raise ConversionError(f"{out} exists; remove it or choose another path (nothing is overwritten)")
+    _check_parents(out)
 
 
 def check_dtype(dtype: str) -> None:
