@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 
 from sigmavae_jax import storage
 from sigmavae_jax.config import CheckpointConfig, Config, from_dict, to_dict
-from sigmavae_jax.messages import listing
+from sigmavae_jax.messages import key_summary
 
 PARAMS_DIR, CONFIG_FILE, EXPORT_FILE = "params", "config.yaml", "export.json"
 FORMAT = "sigmavae_jax.params/1"
@@ -260,7 +260,7 @@ class Checkpointer:
         if problems:
             raise ValueError(
                 f"the checkpoint at step {step} in {self.directory} does not match the train state "
-                f"being restored:\n{problems}\nIt was written with another model/optimizer config "
+                f"being restored ({problems}). It was written with another model/optimizer config "
                 f"(the one it used is in {self.directory / str(step) / CONFIG_ITEM}). Resume with "
                 "that config, or start this config in a fresh workdir (workdir=NEW_DIR)."
             )
@@ -359,7 +359,7 @@ def _checked_json(data_state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tree_differences(stored: dict[tuple, Any], wanted: dict[tuple, Any]) -> str:
-    """Lines listing missing, unexpected and mis-shaped leaves ('' when none), given flat
+    """One line counting missing, unexpected and mis-shaped leaves ('' when none), given flat
     {path tuple: leaf with .shape and .dtype} dicts of the checkpoint and of the target."""
 
     def shape_dtype(leaf):
@@ -368,17 +368,20 @@ def _tree_differences(stored: dict[tuple, Any], wanted: dict[tuple, Any]) -> str
     def name(path):
         return "/".join(path)
 
-    lines = listing("expected but not in the checkpoint", sorted(map(name, wanted.keys() - stored.keys())))
-    lines += listing("in the checkpoint but not expected", sorted(map(name, stored.keys() - wanted.keys())))
     misshaped = sorted(p for p in wanted.keys() & stored.keys() if shape_dtype(stored[p]) != shape_dtype(wanted[p]))
-    lines += listing(
-        "with another shape or dtype",
+    return key_summary(
         [
-            "{} stored {} {}, expected {} {}".format(name(p), *shape_dtype(stored[p]), *shape_dtype(wanted[p]))
-            for p in misshaped
-        ],
+            ("expected but not in the checkpoint", sorted(map(name, wanted.keys() - stored.keys()))),
+            ("in the checkpoint but not expected", sorted(map(name, stored.keys() - wanted.keys()))),
+            (
+                "with another shape or dtype",
+                [
+                    "{} stored {} {} instead of {} {}".format(name(p), *shape_dtype(stored[p]), *shape_dtype(wanted[p]))
+                    for p in misshaped
+                ],
+            ),
+        ]
     )
-    return "\n".join(lines)
 
 
 def _to_host(tree: PyTree) -> PyTree:

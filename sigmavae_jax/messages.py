@@ -1,19 +1,22 @@
-"""The one format of every "these keys do not fit" error (params, converter, weight files)."""
+"""The one format of every "these keys do not fit" error (params, checkpoints, the converter,
+weight files): one line, each kind of problem counted and its first few keys named, enough to
+tell the pattern (a wrong file, a prefix, another variant) without burying the message."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-LISTING_LIMIT = 20
+KEY_EXAMPLES = 3
 
 
-def listing(title: str, lines: Iterable[str], limit: int = LISTING_LIMIT) -> list[str]:
-    """`title` with its count, then up to `limit` indented lines and "... and N more";
-    nothing when there are no lines."""
-    lines = list(lines)
-    if not lines:
-        return []
-    out = [f"  {len(lines)} {title}:"] + [f"    {line}" for line in lines[:limit]]
-    if len(lines) > limit:
-        out.append(f"    ... and {len(lines) - limit} more")
-    return out
+def key_summary(problems: Sequence[tuple[str, Iterable[str]]], limit: int = KEY_EXAMPLES) -> str:
+    """`(title, items)` pairs as ONE line: "2 missing keys: a, b; 40 unexpected keys: c, d, e
+    and 37 more". Kinds without items are left out; "" when there are none."""
+    parts = []
+    for title, items in problems:
+        items = list(items)
+        if not items:
+            continue
+        more = f" and {len(items) - limit} more" if len(items) > limit else ""
+        parts.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)

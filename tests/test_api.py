@@ -89,6 +89,6 @@ def test_params_that_do_not_fit_are_listed(tiny_cfg):
     with pytest.raises(
         ValueError,
         match=r"(?s)2 missing.*quant_conv/bias.*mis-shaped.*"
-        r"decoder/conv_out/kernel got \(3, 3, 32, 4\), expected \(3, 3, 32, 3\)",
+        r"decoder/conv_out/kernel got \(3, 3, 32, 4\) instead of \(3, 3, 32, 3\)",
     ):
         api.build_model(tiny_cfg, params)

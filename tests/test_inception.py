@@ -350,7 +350,7 @@ def test_weight_check_lists_every_problem(model):
     message = str(info.value)
     for expected in (
         "x.npz", "Mixed_5b.branch1x1.bn.mean", "extra",
-        "Conv2d_1a_3x3.conv.kernel got (3, 3, 3, 4), expected (3, 3, 3, 32)",
+        "Conv2d_1a_3x3.conv.kernel got (3, 3, 3, 4) instead of (3, 3, 3, 32)",
         "negative", "Mixed_7a.branch3x3_1.bn.var", "pt_inception-2015-12-05-6726825d.pth",
     ):  # fmt: skip
         assert expected in message

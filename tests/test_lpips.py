@@ -309,7 +309,7 @@ def test_from_file_errors_name_the_file_and_the_fix(tmp_path, weights):
         LPIPS.from_file(path)
 
     misshaped = dict(weights, **{"lin2.kernel": np.zeros((1, 1, 128, 1), np.float32)})
-    expected = r"lin2\.kernel got \(1, 1, 128, 1\), expected \(1, 1, 256, 1\)"
+    expected = r"lin2\.kernel got \(1, 1, 128, 1\) instead of \(1, 1, 256, 1\)"
     with pytest.raises(ValueError, match=expected):
         save_lpips_weights(tmp_path / "bad.safetensors", misshaped)
     assert not (tmp_path / "bad.safetensors").exists()

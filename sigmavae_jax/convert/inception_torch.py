@@ -22,9 +22,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from sigmavae_jax import storage
-from sigmavae_jax.convert.errors import ConversionError, SourceNotFoundError, key_summary, shape_str
+from sigmavae_jax.convert.errors import ConversionError, SourceNotFoundError, shape_str
 from sigmavae_jax.convert.lpips_torch import read_torch_state_dict
 from sigmavae_jax.convert.writers import check_weight_file_output
+from sigmavae_jax.messages import key_summary
 from sigmavae_jax.models.inception import (
     FEATURE_DIM,
     TORCH_WEIGHTS_NAME,

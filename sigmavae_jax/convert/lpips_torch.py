@@ -20,9 +20,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from sigmavae_jax import storage
-from sigmavae_jax.convert.errors import ConversionError, SourceNotFoundError, key_summary, shape_str
+from sigmavae_jax.convert.errors import ConversionError, SourceNotFoundError, shape_str
 from sigmavae_jax.convert.readers import TORCH_LOAD_ERRORS, torch_load_error
 from sigmavae_jax.convert.writers import check_weight_file_output
+from sigmavae_jax.messages import key_summary
 from sigmavae_jax.models.lpips import (
     NUM_CONVS,
     VGG16_STAGES,

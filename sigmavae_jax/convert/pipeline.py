@@ -17,7 +17,8 @@ from sigmavae_jax import storage
 from sigmavae_jax.checkpoint import is_params_export, load_params
 from sigmavae_jax.config import Config, ModelConfig, to_dict
 from sigmavae_jax.convert import infer, keymaps, readers, writers
-from sigmavae_jax.convert.errors import ConversionError, ConversionWarning, key_summary, shape_str
+from sigmavae_jax.convert.errors import ConversionError, ConversionWarning, shape_str
+from sigmavae_jax.messages import key_summary
 from sigmavae_jax.models import params as param_tree
 
 ConfigArg = str | os.PathLike | Config | ModelConfig | None

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sigmavae_jax.messages import listing
+from sigmavae_jax.messages import key_summary
 from sigmavae_jax.models import weight_files
 
 Precision = str | jax.lax.Precision | None
@@ -205,8 +205,8 @@ def inception_weight_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def check_inception_weights(arrays: Mapping[str, Any], source: str) -> None:
-    """Raises ValueError listing missing, unexpected, mis-shaped and non-float keys of `arrays`,
-    and BatchNorm variances below zero (they would turn the features into NaN).
+    """Raises ValueError (one line) counting missing, unexpected, mis-shaped and non-float keys of
+    `arrays`, and BatchNorm variances below zero (they would turn the features into NaN).
 
     source: where the arrays came from (a file name), for the message.
     """
@@ -215,7 +215,7 @@ def check_inception_weights(arrays: Mapping[str, Any], source: str) -> None:
     unexpected = [k for k in arrays if k not in expected]
     present = [k for k in expected if k in arrays]
     misshaped = [
-        f"{k} got {tuple(np.shape(arrays[k]))}, expected {expected[k]}"
+        f"{k} got {tuple(np.shape(arrays[k]))} instead of {expected[k]}"
         for k in present
         if tuple(np.shape(arrays[k])) != expected[k]
     ]
@@ -226,14 +226,18 @@ def check_inception_weights(arrays: Mapping[str, Any], source: str) -> None:
     ]
     if not (missing or unexpected or misshaped or not_float or negative_var):
         return
-    lines = [f"{source}: not FID Inception-v3 weights in the sigmavae_jax layout:"]
-    lines += listing("missing keys", missing)
-    lines += listing("unexpected keys", unexpected)
-    lines += listing("mis-shaped", misshaped)
-    lines += listing("not floating point", not_float)
-    lines += listing("BatchNorm variances with negative entries", negative_var)
-    lines.append(f"  {HOW_TO_GET_WEIGHTS}")
-    raise ValueError("\n".join(lines))
+    problems = key_summary(
+        [
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("mis-shaped", misshaped),
+            ("not floating point", not_float),
+            ("BatchNorm variances with negative entries", negative_var),
+        ]
+    )
+    raise ValueError(
+        f"{source}: not FID Inception-v3 weights in the sigmavae_jax layout: {problems}. {HOW_TO_GET_WEIGHTS}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

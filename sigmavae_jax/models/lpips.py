@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sigmavae_jax.messages import listing
+from sigmavae_jax.messages import key_summary
 from sigmavae_jax.models import weight_files
 from sigmavae_jax.models.recompute import recomputed
 
@@ -91,7 +91,7 @@ def _dtype_of(value: Any) -> jnp.dtype:
 
 
 def check_lpips_weights(arrays: Mapping[str, Any], source: str) -> None:
-    """Raises ValueError listing missing, unexpected and mis-shaped keys of `arrays`.
+    """Raises ValueError (one line) counting missing, unexpected and mis-shaped keys of `arrays`.
 
     source: where the arrays came from (a file name), for the message.
     """
@@ -99,7 +99,7 @@ def check_lpips_weights(arrays: Mapping[str, Any], source: str) -> None:
     missing = [k for k in expected if k not in arrays]
     unexpected = [k for k in arrays if k not in expected]
     misshaped = [
-        f"{k} got {tuple(np.shape(arrays[k]))}, expected {expected[k]}"
+        f"{k} got {tuple(np.shape(arrays[k]))} instead of {expected[k]}"
         for k in expected
         if k in arrays and tuple(np.shape(arrays[k])) != expected[k]
     ]
@@ -107,13 +107,15 @@ def check_lpips_weights(arrays: Mapping[str, Any], source: str) -> None:
     not_float = [f"{k} has dtype {d}" for k, d in dtypes.items() if not jnp.issubdtype(d, jnp.floating)]
     if not (missing or unexpected or misshaped or not_float):
         return
-    lines = [f"{source}: not LPIPS VGG16 weights in the sigmavae_jax layout:"]
-    lines += listing("missing keys", [f"{k} expected {expected[k]}" for k in missing])
-    lines += listing("unexpected keys", unexpected)
-    lines += listing("mis-shaped", misshaped)
-    lines += listing("not floating point", not_float)
-    lines.append(f"  {HOW_TO_GET_WEIGHTS}")
-    raise ValueError("\n".join(lines))
+    problems = key_summary(
+        [
+            ("missing keys", [f"{k} expected {expected[k]}" for k in missing]),
+            ("unexpected keys", unexpected),
+            ("mis-shaped", misshaped),
+            ("not floating point", not_float),
+        ]
+    )
+    raise ValueError(f"{source}: not LPIPS VGG16 weights in the sigmavae_jax layout: {problems}. {HOW_TO_GET_WEIGHTS}")
 
 
 class LPIPSWeight(nnx.Variable):

@@ -18,7 +18,7 @@ from flax import nnx, traverse_util
 
 from sigmavae_jax.config import ModelConfig
 from sigmavae_jax.kernels import XLA, Kernels, select
-from sigmavae_jax.messages import listing
+from sigmavae_jax.messages import key_summary
 from sigmavae_jax.models.autoencoder import AutoencoderKL
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -54,7 +54,8 @@ def unflatten_params(flat: dict[tuple, Any]) -> dict[Any, Any]:
 
 
 def check_params(params: dict[Any, Any], cfg: ModelConfig) -> None:
-    """Raises ValueError listing missing, unexpected and mis-shaped params (up to 20 each)."""
+    """Raises ValueError (one line) counting missing, unexpected and mis-shaped params and naming
+    the first few of each."""
     expected = expected_params(cfg)
     given = flatten_params(params)
     missing = [p for p in expected if p not in given]
@@ -63,14 +64,17 @@ def check_params(params: dict[Any, Any], cfg: ModelConfig) -> None:
     if not (missing or unexpected or misshaped):
         return
     name = lambda p: "/".join(map(str, p))  # noqa: E731
-    lines = ["params do not fit the model config:"]
-    lines += listing("missing", [f"{name(p)} expected {tuple(expected[p].shape)}" for p in missing])
-    lines += listing("unexpected", [f"{name(p)} {tuple(np.shape(given[p]))}" for p in unexpected])
-    lines += listing(
-        "mis-shaped",
-        [f"{name(p)} got {tuple(np.shape(given[p]))}, expected {tuple(expected[p].shape)}" for p in misshaped],
+    problems = key_summary(
+        [
+            ("missing", [f"{name(p)} expected {tuple(expected[p].shape)}" for p in missing]),
+            ("unexpected", [f"{name(p)} {tuple(np.shape(given[p]))}" for p in unexpected]),
+            (
+                "mis-shaped",
+                [f"{name(p)} got {tuple(np.shape(given[p]))} instead of {tuple(expected[p].shape)}" for p in misshaped],
+            ),
+        ]
     )
-    raise ValueError("\n".join(lines))
+    raise ValueError(f"params do not fit the model config: {problems}")
 
 
 def params_of(model: AutoencoderKL) -> dict[Any, Any]:
