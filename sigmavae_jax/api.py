@@ -11,7 +11,7 @@ z = step(codec.params, x)
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 from fractions import Fraction
 from typing import Any, Callable
 
@@ -39,13 +39,36 @@ from sigmavae_jax.models.params import (  # noqa: F401 (the user-facing names of
 from sigmavae_jax.tiling import Tiling, tile_passes, tiled_apply
 
 
+def check_floating(x, want: str, fix: str) -> None:
+    """Raises TypeError unless `x` (an array, a tracer or anything np.asarray takes) has a real
+    floating dtype (float16/32/64, bfloat16, ...): integer, bool or complex input would be
+    computed on silently and give garbage. Reads only the dtype, so tracers under jit, grad or
+    jvp pass through."""
+    # jax.Array covers tracers; anything else (lists, torch tensors) says its dtype via numpy
+    dtype = x.dtype if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):  # unlike np.issubdtype, knows bfloat16
+        raise TypeError(f"{want} (float32, bfloat16, float16 or float64); got dtype {dtype}. {fix}")
+
+
+def check_path_type(
+    path, accepted: str = "a params export path (str or os.PathLike, local or gs://bucket/...)"
+) -> None:
+    """Raises TypeError unless `path` is a str or os.PathLike, naming what was given and
+    `accepted`, before pathlib turns it into an error that names neither."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected {accepted}; got {path!r} of type {type(path).__name__}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Codec:
     """A loaded VAE. `encode`/`decode`/`reconstruct` are jit-compiled; `encode_fn(params, x)`
     and `decode_fn(params, z)` are the same computations as pure functions for your own jit.
 
     Images are NHWC floats in [-1, 1]; latents are NHWC, unscaled (`scale` maps them to what a
-    diffusion model sees, `unscale` back).
+    diffusion model sees, `unscale` back). `encode`, `decode` and `reconstruct` check their whole
+    input before computing: TypeError for a dtype that is not a real float (uint8, int, bool,
+    complex), ValueError for a wrong shape. Values are not checked (floats outside [-1, 1] go
+    through), and inputs may be tracers (the checks read only dtype and shape).
     """
 
     config: Config
@@ -120,11 +143,19 @@ class Codec:
             stat_sweeps=self.tiling.stat_sweeps,
         )
 
-    def encode(self, x) -> jax.Array:
-        """(B, H, W, C) image in [-1, 1] -> (B, H/f, W/f, z) posterior mode, unscaled.
-        Large images go through in tiles (see `tiling`)."""
+    def _check_images(self, x) -> tuple[int, ...]:
+        """`x`'s shape, after the dtype and shape checks of `encode`."""
+        check_floating(x, "images must be floats in [-1, 1]", "For uint8 pixels pass x / 127.5 - 1")
         shape = np.shape(x)
         check_image_shape(self.model_config, shape)
+        return shape
+
+    def encode(self, x) -> jax.Array:
+        """(B, H, W, C) float image in [-1, 1] -> (B, H/f, W/f, z) posterior mode, unscaled.
+        Large images go through in tiles (see `tiling`). Raises TypeError unless x is real
+        floating point (for uint8 pixels pass x / 127.5 - 1), ValueError unless its shape is
+        (B, H, W, in_channels) with H, W multiples of the model's spatial factor."""
+        shape = self._check_images(x)
         if not self.tiling.applies(shape[1], shape[2]):
             return self._encode(self.params, jnp.asarray(x))
         f = self.model_config.downsample_factor
@@ -135,9 +166,11 @@ class Codec:
         return self._encode_global(self.params, jnp.asarray(features))
 
     def decode(self, z) -> jax.Array:
-        """(B, h, w, z) unscaled latent -> (B, h*f, w*f, C) image. Large images are made in
-        tiles (see `tiling`)."""
+        """(B, h, w, z) unscaled float latent -> (B, h*f, w*f, C) image. Large images are made
+        in tiles (see `tiling`). Raises TypeError unless z is real floating point, ValueError
+        unless its shape is (B, h, w, z_channels)."""
         f = self.model_config.downsample_factor
+        check_floating(z, "latents must be floats", "Pass them as encode returns them (or `unscale` scaled ones)")
         shape = np.shape(z)
         check_latent_shape(self.model_config, shape)
         if not self.tiling.applies(shape[1] * f, shape[2] * f):
@@ -150,8 +183,12 @@ class Codec:
         return jnp.asarray(image)
 
     def reconstruct(self, x) -> jax.Array:
-        shape = np.shape(x)
-        if len(shape) == 4 and self.tiling.applies(shape[1], shape[2]):
+        """decode(encode(x)): (B, H, W, C) float image in [-1, 1] -> the same shape, in one
+        compiled call unless the image is tiled. Raises as `encode` does."""
+        # checked here on the whole input: inside the batch map the model would see (and name)
+        # one slice of it
+        shape = self._check_images(x)
+        if self.tiling.applies(shape[1], shape[2]):
             return self.decode(self.encode(x))
         return self._reconstruct(self.params, jnp.asarray(x))
 
@@ -172,15 +209,17 @@ def codec_from_model(model: AutoencoderKL, config: Config, tiling: Tiling = Tili
 
 
 def load(
-    path: str | pathlib.Path, *, dtype: str = "float32", tiling: Tiling | str = "auto", kernels: str = "auto"
+    path: str | os.PathLike, *, dtype: str = "float32", tiling: Tiling | str = "auto", kernels: str = "auto"
 ) -> Codec:
     """Loads a params export (written by convert_torch_weights.py or train.py; a local path or
-    gs://bucket/...) as a Codec.
+    gs://bucket/..., as a str or os.PathLike) as a Codec. Raises TypeError for another type of
+    `path`, ValueError for an unknown dtype, FileNotFoundError if `path` is no params export.
 
     dtype: the compute dtype, "float32" or "bfloat16" (parameters stay as stored).
     tiling: "auto" (tile images above 1024 x 1024 pixels), "always", "never", or a `Tiling`.
     kernels: "auto" (those of this process's first device), "xla" or "cpu" (`sigmavae_jax.kernels`).
     """
+    check_path_type(path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} unknown; use one of {sorted(DTYPES)}")
     tiling = tiling if isinstance(tiling, Tiling) else Tiling(tiling)

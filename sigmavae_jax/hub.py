@@ -343,8 +343,13 @@ def resolve(
 ) -> storage.Path:
     """A local or gs:// path as it is; a Hub name (an `owner/name[/subfolder][@revision]` that is no
     local path) as the path of its converted params export, fetched and converted on first
-    use (see the module docstring). Raises HubError (a FileNotFoundError) whose message says
-    what to do."""
+    use (see the module docstring). Raises TypeError unless `name_or_path` is a str or
+    os.PathLike, HubError (a FileNotFoundError) whose message says what to do."""
+    api.check_path_type(
+        name_or_path,
+        "a params export path (str or os.PathLike, local or gs://bucket/...) "
+        f"or a Hugging Face Hub name ({NAME_FORMAT})",
+    )
     if storage.is_remote(name_or_path):  # gs://... is read where it lies
         if subfolder is not None or revision is not None:
             raise ValueError(
@@ -412,5 +417,7 @@ def load(
 
     subfolder, revision: of the Hub repo (e.g. subfolder="vae" of a FLUX repo; a branch, tag
     or commit hash). dtype and the other keyword arguments go to `sigmavae_jax.api.load`.
+    Raises TypeError unless `name_or_path` is a str or os.PathLike (see `resolve` and
+    `sigmavae_jax.api.load` for the rest).
     """
     return api.load(resolve(name_or_path, subfolder, revision), dtype=dtype, **codec_kwargs)

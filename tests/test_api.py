@@ -58,18 +58,57 @@ def test_bfloat16_compute_is_close_to_float32(export):
         sigmavae_jax.load(export[0], dtype="float16")
 
 
+@pytest.mark.parametrize("method", ["encode", "reconstruct"])
 @pytest.mark.parametrize(
     "shape, message",
     [
         ((1, 30, 32, 3), "multiples of 4.*32x32"),
         ((1, 3, 32, 32), "looks like NCHW"),
         ((32, 32, 3), "NHWC"),
+        # the whole input's shape, not that of one image of the batch map
+        ((2, 3, 32, 32), r"got shape \(2, 3, 32, 32\).*looks like NCHW"),
+        ((32, 48, 3), r"NHWC.*got shape \(32, 48, 3\)$"),
     ],
 )
-def test_bad_image_shapes_are_explained(export, shape, message):
+def test_bad_image_shapes_are_explained(export, method, shape, message):
     codec = sigmavae_jax.load(export[0])
     with pytest.raises(ValueError, match=message):
-        codec.encode(jnp.zeros(shape))
+        getattr(codec, method)(jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("tiling", ["never", "always"])
+def test_images_and_latents_that_are_not_floats_are_refused(export, tiling):
+    codec = sigmavae_jax.load(export[0]).with_tiling(tiling, size=16, overlap=4)
+    x = images((1, 32, 32, 3))
+    for bad in ((x * 127.5 + 127.5).astype(np.uint8), (x * 100).astype(np.int32), x > 0, x.astype(np.complex64)):
+        for method in ("encode", "reconstruct"):
+            with pytest.raises(
+                TypeError, match=rf"images must be floats in \[-1, 1\].*got dtype {bad.dtype}.*x / 127.5 - 1"
+            ):
+                getattr(codec, method)(bad)
+    with pytest.raises(TypeError, match="latents must be floats.*got dtype int32"):
+        codec.decode(np.zeros((1, 8, 8, 4), np.int32))
+
+
+def test_float_dtypes_and_tracers_go_through(export):
+    codec = sigmavae_jax.load(export[0])
+    x = images((1, 32, 32, 3))
+    z = np.asarray(codec.encode(x))
+    for dtype in (np.float16, np.float64, jnp.bfloat16):  # numpy arrays, then a jax bfloat16 one
+        np.testing.assert_allclose(np.asarray(codec.encode(x.astype(dtype))), z, atol=0.05)
+        assert np.isfinite(np.asarray(codec.decode(z.astype(dtype)))).all()
+    np.testing.assert_allclose(np.asarray(codec.encode(jnp.asarray(x, jnp.bfloat16))), z, atol=0.05)
+    # the checks read the dtype, not values: jit and grad trace straight through them
+    np.testing.assert_allclose(np.asarray(jax.jit(codec.encode)(x)), z, atol=1e-5)
+    grad = jax.grad(lambda x: jnp.mean(codec.reconstruct(x) ** 2))(jnp.asarray(x))
+    assert grad.shape == x.shape and np.isfinite(np.asarray(grad)).all()
+
+
+@pytest.mark.parametrize("load", [sigmavae_jax.load, api.load])
+@pytest.mark.parametrize("path", [None, 123])
+def test_a_path_that_is_no_path_is_a_type_error(load, path):
+    with pytest.raises(TypeError, match=rf"params export path \(str or os.PathLike.*got {path} of type"):
+        load(path)
 
 
 def test_missing_export_says_how_to_make_one(tmp_path):
