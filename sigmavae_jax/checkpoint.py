@@ -32,7 +32,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from sigmavae_jax import storage
-from sigmavae_jax.config import CheckpointConfig, Config, from_dict, to_dict
+from sigmavae_jax.config import CheckpointConfig, Config, ConfigError, from_dict, to_dict
 from sigmavae_jax.messages import key_summary
 
 PARAMS_DIR, CONFIG_FILE, EXPORT_FILE = "params", "config.yaml", "export.json"
@@ -78,10 +78,14 @@ def load_params(path: str | storage.Path) -> tuple[dict[str, Any], Config]:
     its Orbax metadata cannot be read (a damaged export), StorageError if its bucket cannot be
     reached."""
     path = storage.reachable(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; give a params export folder (or a Hub name where one is taken)"
+        )
     if not is_params_export(path):
         raise FileNotFoundError(
-            f"{path} is not a sigmavae_jax params export (expected {PARAMS_DIR}/ and "
-            f"{CONFIG_FILE}); convert torch weights with `python convert_torch_weights.py SRC {path}`"
+            f"{path} is not a sigmavae_jax params export (a folder with {PARAMS_DIR}/ and {CONFIG_FILE}); "
+            "convert torch weights first with `python convert_torch_weights.py WEIGHTS OUT_DIR` and give OUT_DIR"
         )
     redo = "copy the export again, or export or convert it again"
     try:
@@ -97,9 +101,15 @@ def load_params(path: str | storage.Path) -> tuple[dict[str, Any], Config]:
         metadata = checkpointer.metadata(path / PARAMS_DIR).item_metadata
         if metadata is None:
             raise ValueError(f"{path / PARAMS_DIR} holds no readable Orbax checkpoint: a damaged export; {redo}")
-        restored = checkpointer.restore(
-            path / PARAMS_DIR, jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), metadata.tree)
-        )
+        try:
+            restored = checkpointer.restore(
+                path / PARAMS_DIR, jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), metadata.tree)
+            )
+        except Exception as error:  # tensorstore and Orbax raise many kinds for damaged files
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            raise ValueError(
+                f"{path / PARAMS_DIR} could not be read ({type(error).__name__}: {first}): a damaged export; {redo}"
+            ) from None
     return _int_keys(restored), config
 
 
@@ -252,13 +262,13 @@ class Checkpointer:
         return int(step)
 
     def _check_matches(self, step: int, target: PyTree) -> None:
-        """Raises ValueError naming what differs between the stored state and `target`, so a
+        """Raises ConfigError naming what differs between the stored state and `target`, so a
         changed model or optimizer config fails here, in words, not deep inside Orbax."""
         stored = ocp.tree.to_flat_dict(self._manager.item_metadata(step)[STATE_ITEM])
         wanted = ocp.tree.to_flat_dict(target)
         problems = _tree_differences(stored, wanted)
         if problems:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint at step {step} in {self.directory} does not match the train state "
                 f"being restored ({problems}). It was written with another model/optimizer config "
                 f"(the one it used is in {self.directory / str(step) / CONFIG_ITEM}). Resume with "

@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sigmavae_jax import storage
-from sigmavae_jax.config import Config, DataConfig
+from sigmavae_jax.config import Config, ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class _SkippingBatchIterator(grain.DatasetIterator):
         # An endless stream of unreadable files would otherwise spin forever.
         self._skips_in_a_row += 1
         if self._skips_in_a_row > self._give_up_after:
-            raise RuntimeError(
+            raise ConfigError(
                 f"{self._skips_in_a_row} unreadable images in a row (the last {name!r}), more "
                 f"than the {self._give_up_after} images of this shard: none of them decodes; "
                 "check data.path / data.name and the files themselves"
@@ -534,10 +534,10 @@ class TrainIterator(_ClosingIterator):
         changed = {k: (v, self._spec.get(k)) for k, v in state["spec"].items() if self._spec.get(k) != v}
         if changed:
             details = ", ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"the data-iterator state was saved for a different pipeline ({details}); "
-                "restore with the same data config, seed and process layout, or start the data "
-                "stream afresh"
+            raise ConfigError(
+                f"the data-iterator state was saved for a different pipeline ({details}); resume with "
+                "the settings it was saved with (train.batch_size, seed, data.*, the number of "
+                "processes), or train in a fresh workdir=NEW_DIR"
             )
         self._iterator.set_state(state["grain"])
         self._skips = _SkipLog()

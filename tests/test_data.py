@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from sigmavae_jax import data
-from sigmavae_jax.config import load_config
+from sigmavae_jax.config import ConfigError, load_config
 
 S = 32  # train.image_size in these tests
 
@@ -441,7 +441,7 @@ def test_a_folder_of_only_unreadable_files_fails_instead_of_spinning(mixed_folde
     for rel in BAD:
         (tmp_path / pathlib.Path(rel).name).write_bytes((root / rel).read_bytes())
     with data.train_iterator(_cfg(tmp_path), seed=0) as it:
-        with pytest.raises(RuntimeError, match="none of them decodes"):
+        with pytest.raises(ConfigError, match="none of them decodes"):
             next(it)
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +20,9 @@ import numpy as np
 import pytest
 
 import sigmavae_jax
-from sigmavae_jax import storage
+from sigmavae_jax import api, checkpoint, storage
 from sigmavae_jax.checkpoint import Checkpointer
+from sigmavae_jax.config import Config, load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASE = [
@@ -118,6 +120,20 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, photos):
         straight, again = exported_params(tmp_path / "straight", ema), exported_params(workdir, ema)
         for a, b in zip(jax_leaves(straight), jax_leaves(again)):
             np.testing.assert_array_equal(a, b)
+    # the steps the killed run logged after its checkpoint were logged again, not twice
+    assert logged_steps(workdir) == list(range(1, 61))
+
+    # resuming with another model or batch size: exit 2 in words, the run's files untouched
+    before = {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()}
+    for changed, message in [
+        ("model.z_channels=8", "does not match the train state being restored"),
+        ("train.batch_size=8", "batch_size: saved 4, now 8"),
+    ]:
+        done = subprocess.run(
+            command(workdir, photos, *steps, changed), env=environment(), capture_output=True, text=True, cwd=REPO
+        )
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()} == before
 
 
 def jax_leaves(tree):
@@ -151,6 +167,28 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path, photos):
     last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped_images"] >= 1
 
+    # Ctrl-C in the resumed run: one line on how to resume, status 130, no traceback
+    logged = len(logged_steps(workdir))
+    process = subprocess.Popen(
+        command(workdir, photos, "train.steps=1000", "checkpoint.every=500"),
+        env=environment(),
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        # a shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_for(lambda: len(logged_steps(workdir)) > logged, process)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err[-4000:]
+    assert f"interrupted; the same command resumes from the last checkpoint in {workdir}" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
 
 def test_bad_config_values_name_the_key(tmp_path, photos):
     done = subprocess.run(
@@ -181,7 +219,28 @@ def test_bad_config_values_name_the_key(tmp_path, photos):
         command(tmp_path / "bad", missing), env=environment(), capture_output=True, text=True, cwd=REPO
     )
     assert done.returncode == 2 and f"image folder '{missing}' does not exist" in done.stderr
-    assert not (tmp_path / "bad" / "checkpoints").exists()
+    assert not (tmp_path / "bad").exists()
+    # a workdir that is a file, and a damaged --init export: one error line each, before any model is built
+    (tmp_path / "a_file").write_text("")
+    done = subprocess.run(
+        command(tmp_path / "a_file", photos), env=environment(), capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 2 and f"workdir={tmp_path / 'a_file'} cannot be written" in done.stderr
+    model_cfg = load_config("tiny").model
+    damaged = checkpoint.save_params(
+        tmp_path / "damaged", api.params_of(api.build_model(model_cfg, seed=0)), Config(model=model_cfg)
+    )
+    for part in (damaged / checkpoint.PARAMS_DIR).iterdir():  # an interrupted copy: the folder, no files
+        shutil.rmtree(part) if part.is_dir() else part.unlink()
+    done = subprocess.run(
+        [*command(tmp_path / "bad", photos), "--init", str(damaged)],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and "--init: " in done.stderr and "a damaged export" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "bad").exists()
 
 
 def free_port() -> int:

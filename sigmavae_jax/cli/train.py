@@ -107,6 +107,12 @@ def main(argv=None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # the cleanup (data workers, pending checkpoint writes) has run
+        print(
+            f"interrupted; the same command resumes from the last checkpoint in {cfg.workdir}/checkpoints",
+            file=sys.stderr,
+        )
+        return 130
     print(
         f"{result.reason} at step {result.step}; workdir {result.workdir}"
         + (f"; params export {result.export}" if result.export else "")

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -104,13 +105,18 @@ class MetricsWriter:
     (google-cloud-storage), and `metrics.jsonl` is uploaded whole at most every 30 s and on
     `close()` (`storage.AppendLog`; Cloud Storage objects cannot be appended to)."""
 
-    def __init__(self, workdir: storage.Path, active: bool):
+    def __init__(self, workdir: storage.Path, active: bool, resumed_at: int | None = None):
+        """resumed_at: the step a resumed run restored. What the stopped run logged after it
+        (steps it ran after its last checkpoint) is dropped, since they are run and logged again."""
         self.active = active
         self.tb = None
         if active:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            purge = None if resumed_at is None else resumed_at + 1
+            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+            if resumed_at is not None:
+                _drop_metrics_after(workdir / "metrics.jsonl", resumed_at)
             self.jsonl = storage.AppendLog(workdir / "metrics.jsonl")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -130,14 +136,39 @@ class MetricsWriter:
             self.jsonl.close()
 
 
+def _drop_metrics_after(path: storage.Path, step: int) -> None:
+    """Rewrites the metrics log without its lines past `step` (and any line cut short by a
+    crash), whole or not at all."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return float("inf")
+
+    kept = [line for line in lines if logged_step(line) <= step]
+    if len(kept) < len(lines):
+        storage.write_bytes_atomically(path, "".join(line + "\n" for line in kept).encode())
+
+
 def _data_state(iterator) -> dict[str, Any]:
     """Every process reads its own shard, so every process's iterator state is saved."""
     return {"processes": parallel.gather_json(iterator.get_state())}
 
 
 def _init_params(path: str, cfg: Config) -> dict[str, Any]:
-    """VAE params from a params export (convert_torch_weights.py or a finished run)."""
-    params, init_cfg = load_params(path)
+    """VAE params from a params export (convert_torch_weights.py or a finished run). Raises
+    ConfigError for a damaged export or one that does not fit the model, FileNotFoundError
+    for a path that is not an export."""
+    try:
+        params, init_cfg = load_params(path)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a damaged export, in words (checkpoint.load_params)
+        raise ConfigError(f"--init: {error}") from None
     try:
         check_params(params, cfg.model)
     except ValueError as error:
@@ -150,6 +181,22 @@ def _init_params(path: str, cfg: Config) -> dict[str, Any]:
     if differing:
         log.warning("--init %s was exported with different model settings %s; using this run's", path, differing)
     return params
+
+
+def _make_writable(workdir: storage.Path) -> None:
+    """Creates `workdir` (a no-op on Cloud Storage, which has no folders) and checks that files
+    can be written in it, before anything is built. Raises ConfigError naming it otherwise."""
+    if storage.is_remote(str(workdir)):
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test_{jax.process_index()}_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"workdir={workdir} cannot be written ({error.strerror or error}); choose another workdir"
+        ) from None
 
 
 def _preview_batch(cfg: Config) -> np.ndarray:
@@ -188,19 +235,20 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
     if cfg.data is None:
         raise ConfigError("training needs data: data.source=folder data.path=DIR, or data.source=tfds data.name=NAME")
     workdir = storage.reachable(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)  # a no-op on Cloud Storage, which has no folders
     main_process = jax.process_index() == 0
 
     with contextlib.ExitStack() as cleanup:  # closed in reverse order, on errors too
-        # the data first: a wrong path or dataset name stops the run before the models are built
+        # The inputs (data, --init) and the mesh first, then the workdir: a wrong path, dataset
+        # name, export or mesh stops the run before the models are built and leaves no workdir.
         iterator = data.train_iterator(
             cfg, seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count()
         )
         cleanup.callback(iterator.close)
+        vae_params = _init_params(init, cfg) if init else None
         mesh = parallel.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
+        _make_writable(workdir)
         program = build_program(cfg, mesh)
         modules, lpips_vars = program.modules, program.lpips_vars
-        vae_params = _init_params(init, cfg) if init else None
         state, shardings = create_state(cfg, modules, mesh, jax.random.key(cfg.seed), vae_params)
         checkpointer = Checkpointer(workdir, cfg.checkpoint)
         cleanup.callback(checkpointer.close)
@@ -213,6 +261,8 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
             restored_step, state, data_state, _ = checkpointer.restore(with_shardings(state, shardings))
             iterator.set_state(data_state["processes"][jax.process_index()])
             log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
+            if init:
+                log.info("--init %s is not used: a resumed run continues from its checkpoint", init)
         if main_process:
             (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
@@ -228,7 +278,7 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
         )
         preview = _preview_batch(cfg)
         reconstruct = _make_reconstruct(modules)
-        writer = MetricsWriter(workdir, main_process)
+        writer = MetricsWriter(workdir, main_process, resumed_at=int(state.step) if latest is not None else None)
         cleanup.callback(writer.close)
         schedule = learning_rate_schedule(cfg.optim, cfg.optim.lr, cfg.train.steps)
 
