@@ -245,3 +245,24 @@ def test_export_params_loads_with_sigmavae_jax_load(run, tmp_path, ema):
 def test_export_of_missing_ema_is_explained(run, tmp_path):
     with pytest.raises(ValueError, match="keeps no EMA.*ema=False"):
         checkpoint.export_params(tmp_path / "export", run.state.replace(ema=None), run.cfg, ema=True)
+
+
+def test_damaged_exports_are_named_as_such(run, tmp_path):
+    """A missing path, a config that is not YAML, a params folder without its metadata, and
+    arrays whose data files are gone: each one ValueError or FileNotFoundError in words."""
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.load_params(tmp_path / "nowhere")
+    damage = {
+        "config": lambda path: (path / checkpoint.CONFIG_FILE).write_text("model: [unclosed"),
+        "metadata": lambda path: [p.unlink() for p in (path / checkpoint.PARAMS_DIR).glob("_*METADATA")],
+        # the metadata is whole, the arrays' data files are gone: the restore itself fails
+        "arrays": lambda path: [
+            chunk.unlink() for chunk in (path / checkpoint.PARAMS_DIR).glob("ocdbt.process_*/d/*") if chunk.is_file()
+        ],
+    }
+    for name, make in damage.items():
+        path = checkpoint.export_params(tmp_path / name, run.state, run.cfg, ema=False)
+        make(path)
+        with pytest.raises(ValueError, match="a damaged export; copy the export again") as raised:
+            checkpoint.load_params(path)
+        assert name != "arrays" or "could not be read" in str(raised.value)
