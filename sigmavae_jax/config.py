@@ -264,13 +264,16 @@ class Config(_Strict):
 def _format_errors(error: pydantic.ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        key = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {item['input']!r}); check the spelling")
-        elif not item["loc"]:  # a check across sections: its message names the keys; the input is everything
-            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+        elif not key:  # a check across sections: its message names the keys; the input is everything
+            lines.append(f"  {message}")
+        elif "got" in message:  # the message names the value already
+            lines.append(f"  {key}: {message}")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item['input']!r})")
+            lines.append(f"  {key}: {message} (got {item['input']!r})")
     return "\n".join(lines)
 
 

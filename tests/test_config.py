@@ -57,6 +57,12 @@ def test_checks_across_sections_name_the_keys_and_not_the_whole_config():
     assert load_config("tiny", ["train.image_size=36"]).train.image_size == 36
 
 
+def test_messages_name_the_value_once_without_pydantic_prefixes():
+    with pytest.raises(ConfigError) as raised:
+        load_config("tiny", ["model.ch_mult=[]"])
+    assert str(raised.value).splitlines()[1] == "  model.ch_mult: must be a non-empty list of positive ints, got []"
+
+
 def test_unknown_config_name_lists_the_known_ones():
     with pytest.raises(ConfigError, match="nextstep1_f8c16"):
         load_config("no_such_config")

@@ -170,7 +170,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path, photos):
     # Ctrl-C in the resumed run: one line on how to resume, status 130, no traceback
     logged = len(logged_steps(workdir))
     process = subprocess.Popen(
-        command(workdir, photos, "train.steps=1000", "checkpoint.every=500"),
+        command(workdir, photos, "train.steps=1000", "checkpoint.every=500", "optim.lr=2e-6"),
         env=environment(),
         stderr=subprocess.PIPE,
         text=True,
@@ -187,6 +187,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path, photos):
             process.kill()
     assert process.returncode == 130, err[-4000:]
     assert f"interrupted; the same command resumes from the last checkpoint in {workdir}" in err
+    assert "resuming with settings changed since step" in err and "optim.lr: 0.0003 -> 2e-06" in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 

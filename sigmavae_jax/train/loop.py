@@ -183,6 +183,18 @@ def _init_params(path: str, cfg: Config) -> dict[str, Any]:
     return params
 
 
+def _changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """ "key: saved -> now" for every setting (dotted key) that differs between two config dicts."""
+    changed = []
+    for key in sorted(saved.keys() | now.keys()):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changed
+
+
 def _make_writable(workdir: storage.Path) -> None:
     """Creates `workdir` (a no-op on Cloud Storage, which has no folders) and checks that files
     can be written in it, before anything is built. Raises ConfigError naming it otherwise."""
@@ -258,11 +270,14 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
         preemption = Preemption(latest or 0)
         cleanup.callback(preemption.close)
         if latest is not None:
-            restored_step, state, data_state, _ = checkpointer.restore(with_shardings(state, shardings))
+            restored_step, state, data_state, saved_cfg = checkpointer.restore(with_shardings(state, shardings))
             iterator.set_state(data_state["processes"][jax.process_index()])
             log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
             if init:
                 log.info("--init %s is not used: a resumed run continues from its checkpoint", init)
+            changed = _changed_settings(saved_cfg, json.loads(json.dumps(to_dict(cfg))))  # as JSON stored it
+            if changed:
+                log.warning("resuming with settings changed since step %d: %s", restored_step, "; ".join(changed))
         if main_process:
             (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
