@@ -122,6 +122,10 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, photos):
             np.testing.assert_array_equal(a, b)
     # the steps the killed run logged after its checkpoint were logged again, not twice
     assert logged_steps(workdir) == list(range(1, 61))
+    # a finished run, rerun, says so without compiling anything
+    again = run(command(workdir, photos, *steps))
+    assert "the run is at step 60, train.steps=60: nothing to train" in again.stderr
+    assert "compiled the train step" not in again.stderr and logged_steps(workdir) == list(range(1, 61))
 
     # resuming with another model or batch size: exit 2 in words, the run's files untouched
     before = {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()}

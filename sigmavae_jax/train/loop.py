@@ -183,6 +183,16 @@ def _init_params(path: str, cfg: Config) -> dict[str, Any]:
     return params
 
 
+def _export_final(workdir: storage.Path, state: TrainState, cfg: Config, step: int) -> storage.Path:
+    """export/step_N (and step_N_ema with EMA) of the final state, unless already written."""
+    export = workdir / "export" / f"step_{step:08d}"
+    if not export.exists():
+        export_params(export, state, cfg, ema=False)
+        if state.ema is not None:
+            export_params(export.with_name(export.name + "_ema"), state, cfg, ema=True)
+    return export
+
+
 def _changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
     """ "key: saved -> now" for every setting (dotted key) that differs between two config dicts."""
     changed = []
@@ -280,6 +290,15 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
                 log.warning("resuming with settings changed since step %d: %s", restored_step, "; ".join(changed))
         if main_process:
             (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        if int(state.step) >= cfg.train.steps:  # a finished run, rerun: nothing to compile
+            step = int(state.step)
+            log.info(
+                "the run is at step %d, train.steps=%d: nothing to train (raise train.steps to go on)",
+                step,
+                cfg.train.steps,
+            )
+            export = _export_final(workdir, state, cfg, step)
+            return RunResult(step=step, reason="done", workdir=workdir, export=export, skipped_steps=0)
 
         step_fn = program.step
         batch = parallel.global_batch(next(iterator), mesh)
@@ -355,11 +374,5 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
             if step < total:
                 batch = parallel.global_batch(next(iterator), mesh)
         checkpointer.wait()
-        export = None
-        if reason == "done":
-            export = workdir / "export" / f"step_{step:08d}"
-            if not export.exists():
-                export_params(export, state, cfg, ema=False)
-                if state.ema is not None:
-                    export_params(export.with_name(export.name + "_ema"), state, cfg, ema=True)
+        export = _export_final(workdir, state, cfg, step) if reason == "done" else None
         return RunResult(step=step, reason=reason, workdir=workdir, export=export, skipped_steps=skipped_steps)
