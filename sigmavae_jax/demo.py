@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 import sigmavae_jax
-from sigmavae_jax import data, logs, metrics, viz
+from sigmavae_jax import data, logs, metrics, topology, viz
 from sigmavae_jax.api import build_model, codec_from_model
 from sigmavae_jax.config import load_config, parse_overrides
 from sigmavae_jax.train.loop import train
@@ -79,6 +79,7 @@ def mean_psnr(reconstruct, images: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     logs.setup()
+    topology.quiet_libtpu_on_a_host_without_tpu()
     overrides = DEFAULTS + list(sys.argv[1:] if argv is None else argv)
     workdir = pathlib.Path(parse_overrides(overrides)["workdir"])
     train_dir, heldout_dir = prepare_photos(workdir / "photos")

@@ -12,6 +12,7 @@ them is the one the devices run. A GPU compile needs no GPU and no CUDA library 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.resources
 import math
 import os
@@ -238,11 +239,38 @@ def compile_only_environment() -> None:
     about a local TPU. Call before JAX starts; set variables win."""
     platforms = os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    if "tpu" in platforms.lower().split(","):
-        return  # a process told to open this host's TPU needs libtpu to find it as it is
-    # libtpu, loaded to describe a slice, looks for the local TPU's type and its hosts' names and
-    # prints errors ("unexpected worker hostname") where it finds none; what it compiles for a
-    # described slice does not depend on them (the same program, checked), so name any one host.
+    if not _asks_for_tpu(platforms):
+        # what libtpu compiles for a described slice does not depend on these (the same
+        # program, checked)
+        _name_a_tpu_host_for_libtpu()
+
+
+# Where a TPU VM's chips appear: /dev/accel* (TPU v2 to v5e) and /dev/vfio (v5p, v6e).
+_TPU_DEVICE_NODES = ("/dev/accel*", "/dev/vfio")
+
+
+def quiet_libtpu_on_a_host_without_tpu() -> None:
+    """For a process that runs on this host's devices (train.py, eval.py, the demo): on a host
+    with no TPU device nodes, libtpu (which the [tpu] and [test] extras install) still starts
+    when JAX looks for a TPU and prints errors about the local TPU it cannot describe; with the
+    dry run's settings it finds no TPU quietly, and JAX goes on with the CPU or GPUs. A host
+    with TPU device nodes, a process told to use a TPU, and variables already set are left
+    alone. Call before JAX starts."""
+    if _asks_for_tpu(os.environ.get("JAX_PLATFORMS", "")):
+        return
+    if any(glob.glob(pattern) for pattern in _TPU_DEVICE_NODES):
+        return
+    _name_a_tpu_host_for_libtpu()
+
+
+def _asks_for_tpu(platforms: str) -> bool:
+    """Whether a JAX_PLATFORMS value asks for this host's TPU, which libtpu must find as it is."""
+    return "tpu" in platforms.lower().split(",")
+
+
+def _name_a_tpu_host_for_libtpu() -> None:
+    # libtpu looks for the local TPU's type and its hosts' names and, finding none, prints
+    # errors ("unexpected worker hostname"); naming any one host keeps it quiet
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 

@@ -73,6 +73,39 @@ def test_a_process_told_to_use_the_local_tpu_keeps_libtpu_looking_for_it(monkeyp
     assert os.environ["TPU_WORKER_HOSTNAMES"] == "localhost"
 
 
+def test_a_run_on_a_host_without_tpu_nodes_starts_jax_without_libtpu_errors():
+    # Every train.py/eval.py/demo run on a CPU or GPU host with the [tpu] or [test] extra began
+    # with libtpu's "E0000 ... unexpected worker hostname". A fresh process, without this
+    # process' settings, on a host taken to have no TPU device nodes.
+    script = (
+        "from sigmavae_jax import topology\n"
+        "topology._TPU_DEVICE_NODES = ('/nonexistent/accel*',)\n"
+        "topology.quiet_libtpu_on_a_host_without_tpu()\n"
+        "import jax\n"
+        "print(jax.devices()[0].platform)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpu"] and out.stderr == ""
+
+
+def test_a_host_with_tpu_nodes_or_a_process_asking_for_a_tpu_keeps_libtpu_as_it_is(monkeypatch, tmp_path):
+    for key in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "JAX_PLATFORMS"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "accel0").write_text("")
+    monkeypatch.setattr(topology, "_TPU_DEVICE_NODES", (str(tmp_path / "accel*"),))
+    topology.quiet_libtpu_on_a_host_without_tpu()
+    assert "TPU_ACCELERATOR_TYPE" not in os.environ and "TPU_WORKER_HOSTNAMES" not in os.environ
+    monkeypatch.setattr(topology, "_TPU_DEVICE_NODES", (str(tmp_path / "none*"),))
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    topology.quiet_libtpu_on_a_host_without_tpu()
+    assert "TPU_ACCELERATOR_TYPE" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    topology.quiet_libtpu_on_a_host_without_tpu()
+    assert os.environ["TPU_ACCELERATOR_TYPE"] == "v5litepod-1" and os.environ["TPU_WORKER_HOSTNAMES"] == "localhost"
+
+
 @pytest.mark.parametrize("name", ["v7-8", "h800", "v5e:3x3", "v4:2x2", "v5litepod-12"])
 def test_unknown_topology_is_a_one_line_error(name, capsys):
     with pytest.raises(topology.UnknownTopology) as error:

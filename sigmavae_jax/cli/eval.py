@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from sigmavae_jax import logs, storage
+from sigmavae_jax import logs, storage, topology
 from sigmavae_jax.cli import dry_run, shared_args
 
 EXAMPLES = """\
@@ -405,6 +405,7 @@ RUN_MODE = {
 def main(argv=None) -> int:
     args = parse_args(argv)
     logs.setup(verbose=args.verbose)
+    topology.quiet_libtpu_on_a_host_without_tpu()
     if args.dry_run or args.topology:
         return compile_only(args)
     if not args.checkpoint:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sigmavae_jax import logs
+from sigmavae_jax import logs, topology
 from sigmavae_jax.cli import dry_run, shared_args
 from sigmavae_jax.config import ConfigError, describe_keys, load_config
 
@@ -82,6 +82,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logs.setup(verbose=args.verbose)
+    topology.quiet_libtpu_on_a_host_without_tpu()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:
