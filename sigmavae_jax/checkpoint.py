@@ -22,6 +22,7 @@ a nested dict of arrays.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -97,6 +98,7 @@ def load_params(path: str | storage.Path) -> tuple[dict[str, Any], Config]:
     # Restored into host numpy arrays of the stored shapes and dtypes: without a target Orbax
     # would place them by the saving run's device layout, which another process count refuses.
     # Closed on errors too: a checkpointer left open floods stderr from its threads at exit.
+    _drop_closed_loop_reports()
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(path / PARAMS_DIR).item_metadata
         if metadata is None:
@@ -106,9 +108,8 @@ def load_params(path: str | storage.Path) -> tuple[dict[str, Any], Config]:
                 path / PARAMS_DIR, jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), metadata.tree)
             )
         except Exception as error:  # tensorstore and Orbax raise many kinds for damaged files
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             raise ValueError(
-                f"{path / PARAMS_DIR} could not be read ({type(error).__name__}: {first}): a damaged export; {redo}"
+                f"{path / PARAMS_DIR} could not be read ({_failed_read(error)}): a damaged export; {redo}"
             ) from None
     return _int_keys(restored), config
 
@@ -204,22 +205,28 @@ class Checkpointer:
         and `.sharding` (`jax.ShapeDtypeStruct`s, e.g. `with_shardings(jax.eval_shape(...),
         shardings)`, or live arrays). Its shardings may use another mesh or device count than
         the one that saved. The result has exactly its pytree structure (int dict keys, optax
-        NamedTuples, None subtrees, typed PRNG keys).
+        NamedTuples, None subtrees, typed PRNG keys). Raises FileNotFoundError for a missing
+        step, ConfigError for a state of other shapes or structure, DamagedCheckpoint for files
+        that cannot be read.
         """
         target = _keys_as_data(_abstract(abstract_state))
         self.wait()  # a pending async save may be the step asked for
+        _drop_closed_loop_reports()
         step = self._existing_step(step)
         self._check_matches(step, target)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE_ITEM: ocp.args.StandardRestore(target),
-                    DATA_ITEM: ocp.args.JsonRestore(),
-                    CONFIG_ITEM: ocp.args.JsonRestore(),
-                }
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE_ITEM: ocp.args.StandardRestore(target),
+                        DATA_ITEM: ocp.args.JsonRestore(),
+                        CONFIG_ITEM: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+        except Exception as error:  # tensorstore and Orbax raise many kinds for damaged files
+            raise DamagedCheckpoint(self._damaged(step, error)) from None
         state = _keys_from_data(restored[STATE_ITEM], abstract_state)
         return step, state, restored[DATA_ITEM], restored[CONFIG_ITEM]
 
@@ -261,10 +268,26 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
         return int(step)
 
+    def _damaged(self, step: int, error: Exception) -> str:
+        earlier = [s for s in self.all_steps() if s < step]
+        fallback = (
+            f"to resume from step {earlier[-1]}, the latest before it"
+            if earlier
+            else "to start again from step 0 (no earlier checkpoint is kept)"
+        )
+        return (
+            f"the checkpoint at step {step} in {self.directory} could not be read ({_failed_read(error)}). "
+            f"If its files are damaged, move {self.directory / str(step)} out of {self.directory} {fallback}; "
+            "if its storage failed for a moment, run again."
+        )
+
     def _check_matches(self, step: int, target: PyTree) -> None:
         """Raises ConfigError naming what differs between the stored state and `target`, so a
         changed model or optimizer config fails here, in words, not deep inside Orbax."""
-        stored = ocp.tree.to_flat_dict(self._manager.item_metadata(step)[STATE_ITEM])
+        try:  # opens every stored array, so damaged files fail here first
+            stored = ocp.tree.to_flat_dict(self._manager.item_metadata(step)[STATE_ITEM])
+        except Exception as error:
+            raise DamagedCheckpoint(self._damaged(step, error)) from None
         wanted = ocp.tree.to_flat_dict(target)
         problems = _tree_differences(stored, wanted)
         if problems:
@@ -274,6 +297,37 @@ class Checkpointer:
                 f"(the one it used is in {self.directory / str(step) / CONFIG_ITEM}). Resume with "
                 "that config, or start this config in a fresh workdir (workdir=NEW_DIR)."
             )
+
+
+class DamagedCheckpoint(ConfigError):
+    """A training checkpoint whose files cannot be read; the message names the step and the way
+    to resume from the one before it. A ConfigError, so train.py reports it in one line, exit 2."""
+
+
+def _failed_read(error: Exception) -> str:
+    """The type and first line of an Orbax/tensorstore read error (their messages run to pages
+    of JSON specs)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _drop_closed_loop_reports() -> None:
+    """When one read of an Orbax restore fails, the restore's event loop closes while tensorstore
+    still runs the other reads; each of those, finishing, hands its result to the closed loop, and
+    Python reports every one as an unraisable RuntimeError('Event loop is closed'): a traceback per
+    array, after the error that matters. This drops those reports and passes every other unraisable
+    exception to the hook that was there. Installed (once per process) before a restore: some
+    of those reads finish before the error reaches the caller."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
 
 
 def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:

@@ -3,6 +3,8 @@ states, int-keyed dicts, ema=None), async saves and keep-last-N, restores onto o
 and device counts, half-written steps ignored, clear errors, and the params export."""
 
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import jax
@@ -266,3 +268,29 @@ def test_damaged_exports_are_named_as_such(run, tmp_path):
         with pytest.raises(ValueError, match="a damaged export; copy the export again") as raised:
             checkpoint.load_params(path)
         assert name != "arrays" or "could not be read" in str(raised.value)
+
+
+def test_reads_abandoned_by_a_failed_restore_are_not_reported(run, tmp_path):
+    """One failed read ends Orbax's restore and closes its event loop while tensorstore finishes
+    the other reads; each used to be reported as an unraisable 'Event loop is closed', a
+    traceback per array, after the error and for seconds. In a fresh process: the error alone,
+    and other unraisable exceptions still reported."""
+    path = checkpoint.export_params(tmp_path / "export", run.state, run.cfg, ema=False)
+    for chunk in (path / checkpoint.PARAMS_DIR).glob("ocdbt.process_*/d/*"):
+        chunk.unlink()
+    script = (
+        "import sys, time\n"
+        "from sigmavae_jax import checkpoint\n"
+        "try:\n"
+        f"    checkpoint.load_params({str(path)!r})\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+        "time.sleep(3)  # the abandoned reads finish on tensorstore's threads\n"
+        "class Other:\n"
+        "    def __del__(self):\n"
+        "        raise RuntimeError('another unraisable')\n"
+        "Other()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "could not be read" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "Event loop is closed" not in done.stderr and "another unraisable" in done.stderr

@@ -139,6 +139,19 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, photos):
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()} == before
 
+    # the latest checkpoint's array files lost: exit 2 naming the step and the one to resume from,
+    # without Orbax's tracebacks, and nothing else touched
+    lost = [chunk for chunk in (workdir / "checkpoints" / "60" / "state").glob("d/*") if chunk.is_file()]
+    for chunk in lost:
+        chunk.unlink()
+    done = subprocess.run(command(workdir, photos, *steps), env=environment(), capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "the checkpoint at step 60" in done.stderr and "to resume from step 55" in done.stderr
+    assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr, done.stderr[-3000:]
+    assert {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()} == {
+        path: data for path, data in before.items() if path not in lost
+    }
+
 
 def jax_leaves(tree):
     import jax
