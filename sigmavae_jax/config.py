@@ -6,7 +6,9 @@ the dotted key, the value received and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import pathlib
+import types
 import typing
 from typing import Any, Literal
 
@@ -14,6 +16,9 @@ import pydantic
 import yaml
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+REMAT_POLICIES = Literal["convs", "blocks", "nested"]  # train.remat's settings besides true/false
 
 
 class ConfigError(ValueError):
@@ -172,7 +177,7 @@ class TrainConfig(_Strict):
     # Any of them also recomputes LPIPS's VGG stages and heads (~2% more FLOPs), and with the
     # XLA (TPU) kernels differentiates the ResnetBlocks as autodiff does, which keeps one activation
     # fewer at each block's peak than the default's written backward pass (more bytes moved).
-    remat: bool | Literal["convs", "blocks", "nested"] = False
+    remat: bool | REMAT_POLICIES = False
     # How convolutions and the GAN's branches are computed (sigmavae_jax.kernels): "auto" picks
     # "cpu" when the mesh's devices are CPUs, "gpu" when they are GPUs and "xla" otherwise (TPU);
     # the same maths in each.
@@ -181,6 +186,15 @@ class TrainConfig(_Strict):
     mesh_fsdp: int = pydantic.Field(1, gt=0)  # devices along the fsdp axis
     fsdp_min_size: int = pydantic.Field(2**18, gt=0)  # params at least this big are sharded over fsdp
     max_nonfinite_steps: int = pydantic.Field(10, gt=0)  # stop after this many skipped steps in a row
+
+    @pydantic.field_validator("remat", mode="before")
+    @classmethod
+    def _remat(cls, value: Any) -> Any:
+        # one message for the union, not pydantic's one per member
+        if isinstance(value, bool) or value in typing.get_args(REMAT_POLICIES):
+            return value
+        *others, last = ("true", "false", *typing.get_args(REMAT_POLICIES))
+        raise ValueError(f"must be {', '.join(others)} or {last}, got {value!r}")
 
     @pydantic.field_validator("mesh_data")
     @classmethod
@@ -267,7 +281,7 @@ def _format_errors(error: pydantic.ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own checks
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (value {item['input']!r}); check the spelling")
+            lines.append(f"  {key}: unknown key (value {item['input']!r}); {_did_you_mean(key, item['input'])}")
         elif not key:  # a check across sections: its message names the keys; the input is everything
             lines.append(f"  {message}")
         elif "got" in message:  # the message names the value already
@@ -373,9 +387,39 @@ def describe_keys(model: type[pydantic.BaseModel] = Config, prefix: str = "") ->
         if nested:
             lines += describe_keys(nested[0], key + ".")
             continue
-        if typing.get_origin(annotation) is Literal:
-            type_name = " | ".join(map(str, typing.get_args(annotation)))
-        else:
-            type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-        lines.append(f"{key}: {type_name} = {field.get_default(call_default_factory=True)!r}")
+        lines.append(f"{key}: {_type_name(annotation)} = {field.get_default(call_default_factory=True)!r}")
     return lines
+
+
+def _type_name(annotation: Any) -> str:
+    """`int`, `str | None`, `float32 | bfloat16` (a Literal's values), `bool | convs | blocks`."""
+    if typing.get_origin(annotation) is Literal:
+        return " | ".join(map(str, typing.get_args(annotation)))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _known_keys() -> list[str]:
+    """Every overridable dotted key, in --help's order."""
+    return [line.split(":", 1)[0] for line in describe_keys()]
+
+
+def _did_you_mean(key: str, value: Any) -> str:
+    """For an unknown dotted key (and a section's keys, where `value` is one): the known keys it
+    was probably meant as, in a clause, or the way to list them."""
+    given = [f"{key}.{sub}" for sub in value] if isinstance(value, dict) and value else [key]
+    known = _known_keys()
+    guesses: list[str] = []
+    for wrong in given:
+        *_, leaf = wrong.split(".")
+        tail = wrong.split(".", 1)[-1]  # train.checkpoint.every -> checkpoint.every
+        moved = [k for k in known if k == tail or k.endswith("." + tail)]  # a key in another section
+        close = difflib.get_close_matches(wrong, known, n=1, cutoff=0.8)  # a misspelling
+        guesses += moved or close or [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    guesses = list(dict.fromkeys(g for g in guesses if g not in given))[:3]
+    if guesses:
+        return "did you mean " + " or ".join(guesses) + "?"
+    return "check the spelling (`python train.py --help` lists every key)"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sigmavae_jax.config import CONFIG_DIR, ConfigError, load_config
+from sigmavae_jax.config import CONFIG_DIR, ConfigError, describe_keys, load_config
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
@@ -61,6 +61,41 @@ def test_messages_name_the_value_once_without_pydantic_prefixes():
     with pytest.raises(ConfigError) as raised:
         load_config("tiny", ["model.ch_mult=[]"])
     assert str(raised.value).splitlines()[1] == "  model.ch_mult: must be a non-empty list of positive ints, got []"
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("train.batchsize=4", "train.batchsize: unknown key (value 4); did you mean train.batch_size?"),
+        # a key given in the wrong section, as a value or as a section of its own
+        ("train.lr=0.1", "train.lr: unknown key (value 0.1); did you mean optim.lr?"),
+        (
+            "train.checkpoint.every=2",
+            "train.checkpoint: unknown key (value {'every': 2}); did you mean checkpoint.every?",
+        ),
+        ("every=2", "every: unknown key (value 2); did you mean checkpoint.every or log.every?"),
+        (
+            "train.foo=1",
+            "train.foo: unknown key (value 1); check the spelling (`python train.py --help` lists every key)",
+        ),
+    ],
+)
+def test_unknown_keys_suggest_the_known_ones_they_were_meant_as(override, line):
+    with pytest.raises(ConfigError) as raised:
+        load_config("tiny", [override])
+    assert str(raised.value).splitlines()[1:] == [f"  {line}"]
+
+
+def test_a_setting_of_several_kinds_gets_one_message_and_one_help_line():
+    with pytest.raises(ConfigError) as raised:
+        load_config("tiny", ["train.remat=maybe"])
+    assert str(raised.value).splitlines()[1:] == [
+        "  train.remat: must be true, false, convs, blocks or nested, got 'maybe'"
+    ]
+    for setting, parsed in [("true", True), ("false", False), ("blocks", "blocks")]:
+        assert load_config("tiny", [f"train.remat={setting}"]).train.remat == parsed
+    assert "train.remat: bool | convs | blocks | nested = False" in describe_keys()
+    assert "data.resize: int | None = None" in describe_keys()
 
 
 def test_unknown_config_name_lists_the_known_ones():
