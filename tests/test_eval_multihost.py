@@ -324,12 +324,16 @@ def test_reference_statistics_are_cached_at_the_given_path(where, tmp_path, requ
         path = tmp_path / "reference"  # no .npz suffix: the cache is still that very file
     features = np.random.default_rng(0).normal(size=(9, 2048))
     settings = evaluate.EvalSettings(size=SIZE)
-    mu, sigma = evaluate._reference(metrics.FeatureStats(2048).update(features), storage.reachable(path), settings)
+
+    def reference(stats):  # as evaluate does: the file read and checked first, then used or written
+        where = storage.reachable(path)
+        return evaluate._reference(stats, evaluate.read_reference(where, settings), where, settings)
+
+    mu, sigma = reference(metrics.FeatureStats(2048).update(features))
     assert storage.path(path).exists()
     # read back, not computed again: other features over as many images give the cached statistics
-    other = metrics.FeatureStats(2048).update(features + 1.0)
-    cached_mu, cached_sigma = evaluate._reference(other, storage.reachable(path), settings)
+    cached_mu, cached_sigma = reference(metrics.FeatureStats(2048).update(features + 1.0))
     np.testing.assert_array_equal(cached_mu, mu)
     np.testing.assert_array_equal(cached_sigma, sigma)
     with pytest.raises(ValueError, match=r"over 9 images, this evaluation has 8; delete the file"):
-        evaluate._reference(metrics.FeatureStats(2048).update(features[:8]), storage.reachable(path), settings)
+        reference(metrics.FeatureStats(2048).update(features[:8]))

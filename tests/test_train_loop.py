@@ -186,14 +186,20 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path, photos):
 
     # Ctrl-C in the resumed run: one line on how to resume, status 130, no traceback
     logged = len(logged_steps(workdir))
+    # A shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored: the
+    # child turns Ctrl-C back on before it runs train.py (not a preexec_fn: Python code between
+    # fork and exec can deadlock a multithreaded parent such as this JAX process).
+    with_ctrl_c = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    train_py, *arguments = command(workdir, photos, "train.steps=1000", "checkpoint.every=500", "optim.lr=2e-6")[1:]
     process = subprocess.Popen(
-        command(workdir, photos, "train.steps=1000", "checkpoint.every=500", "optim.lr=2e-6"),
+        [sys.executable, "-c", with_ctrl_c, train_py, *arguments],
         env=environment(),
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        # a shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         wait_for(lambda: len(logged_steps(workdir)) > logged, process)
