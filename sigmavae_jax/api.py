@@ -53,10 +53,13 @@ def check_floating(x, want: str, fix: str) -> None:
 def check_path_type(
     path, accepted: str = "a params export path (str or os.PathLike, local or gs://bucket/...)"
 ) -> None:
-    """Raises TypeError unless `path` is a str or os.PathLike, naming what was given and
-    `accepted`, before pathlib turns it into an error that names neither."""
+    """Raises TypeError unless `path` is a str or os.PathLike, and ValueError for an empty one
+    (which pathlib would take as the working directory), naming what was given and `accepted`,
+    before pathlib turns it into an error that names neither."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"expected {accepted}; got {path!r} of type {type(path).__name__}")
+    if not os.fspath(path).strip():
+        raise ValueError(f"expected {accepted}; got an empty path {os.fspath(path)!r}")
 
 
 @dataclasses.dataclass(frozen=True)

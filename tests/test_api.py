@@ -111,6 +111,13 @@ def test_a_path_that_is_no_path_is_a_type_error(load, path):
         load(path)
 
 
+@pytest.mark.parametrize("load", [sigmavae_jax.load, api.load])
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_path_is_not_taken_for_the_working_directory(load, path):
+    with pytest.raises(ValueError, match="params export path .*got an empty path"):
+        load(path)
+
+
 def test_missing_export_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="convert_torch_weights.py"):
         sigmavae_jax.load(tmp_path)

@@ -11,6 +11,7 @@ import pytest
 from conftest import photo_folder_with_tiny_export
 
 from sigmavae_jax import logs
+from sigmavae_jax.cli import convert as convert_cli
 from sigmavae_jax.cli import eval as eval_cli
 from sigmavae_jax.cli import train as train_cli
 
@@ -33,6 +34,14 @@ from sigmavae_jax.cli import train as train_cli
         (eval_cli.parse_args, ["--save-reconstructions", "-1"], "argument --save-reconstructions: must be 0 or more"),
         (eval_cli.parse_args, ["--figure-images", "0"], "argument --figure-images: must be a positive integer"),
         (eval_cli.parse_args, ["--checkpoint", "x", "--reference-stats", "r.npz"], "it needs --inception"),
+        # an empty path (an unset shell variable) is neither "no flag" nor the working directory
+        (train_cli.parse_args, ["--config", "tiny", "--init", ""], "argument --init: must be a path, got ''"),
+        (train_cli.parse_args, ["--config", " "], "argument --config: must be a path, got ' '"),
+        (eval_cli.parse_args, ["--checkpoint", ""], "argument --checkpoint: must be a path, got ''"),
+        (eval_cli.parse_args, ["--checkpoint", "x", "--out", ""], "argument --out: must be a path"),
+        (eval_cli.parse_args, ["--checkpoint", "x", "--compare", ""], "argument --compare: must be a path"),
+        (convert_cli.parse_args, ["", "out"], "argument SRC: must be a path, got ''"),
+        (convert_cli.parse_args, ["src", ""], "argument OUT: must be a path, got ''"),
     ],
 )
 def test_bad_counts_and_flag_combinations_are_usage_errors(parse, argv, message, capsys):

@@ -11,6 +11,8 @@ import argparse
 import sys
 import warnings
 
+from sigmavae_jax.cli import shared_args
+
 EXAMPLES = """\
 examples:
   # Stable Diffusion 1.x/2.x: the VAE inside a full .ckpt (UNet, text encoder, loss keys ignored)
@@ -63,18 +65,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "src",
         metavar="SRC",
+        type=shared_args.non_empty_path,
         help="a .safetensors/.ckpt/.pt/.pth/.bin file, a diffusers folder, a NextStep-1 folder "
         "(config.json + checkpoint.pt), or a sigmavae_jax export (with --to diffusers|ldm)",
     )
     parser.add_argument(
         "out",
         metavar="OUT",
+        type=shared_args.non_empty_path,
         help="a new folder (--to jax, diffusers) or a new .safetensors file (--to ldm), local or gs://BUCKET/...; "
         "never overwritten",
     )
     parser.add_argument(
         "--config",
         metavar="NAME_OR_YAML",
+        type=shared_args.non_empty_path,
         help="a config in configs/ (sd, sdxl, flux, nextstep1_f8c16, ...) or a YAML path; "
         "its architecture must match the weights, and its latent conventions are used",
     )
@@ -93,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lpips-heads",
         metavar="VGG_PTH",
+        type=shared_args.non_empty_path,
         help="convert LPIPS weights instead of a VAE: SRC is torchvision's vgg16-397923af.pth, "
         "this is lpips' weights/v0.1/vgg.pth, OUT a new .npz or .safetensors file "
         "(then set loss.lpips_weights=OUT)",

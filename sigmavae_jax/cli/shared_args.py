@@ -1,6 +1,7 @@
-"""The argparse pieces train.py and eval.py share: count types that make a zero or negative
-count a usage error (exit 2, naming the flag and the value) instead of a traceback from deep
-inside a run, the multi-process launch flags, and --verbose."""
+"""The argparse pieces train.py, eval.py and convert_torch_weights.py share: count and path
+types that make a zero or negative count, or an empty path, a usage error (exit 2, naming the
+flag and the value) instead of a traceback from deep inside a run or a silent default, the
+multi-process launch flags, and --verbose."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+def non_empty_path(text: str) -> str:
+    """`text` unless it is empty or blank: an unset shell variable (`--init "$EXPORT"`) would
+    otherwise be taken as no flag at all, or as the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a path, got {text!r} (an unset shell variable?)")
+    return text
 
 
 def add_multiprocess_arguments(parser: argparse.ArgumentParser) -> None:

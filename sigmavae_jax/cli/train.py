@@ -49,10 +49,14 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--config", required=True, help="a YAML file or a name in configs/ (tiny, sd, nextstep1_f8c16, ...)"
+        "--config",
+        required=True,
+        type=shared_args.non_empty_path,
+        help="a YAML file or a name in configs/ (tiny, sd, nextstep1_f8c16, ...)",
     )
     parser.add_argument(
         "--init",
+        type=shared_args.non_empty_path,
         metavar="EXPORT_OR_HUB_NAME",
         help="start from a params export (convert_torch_weights.py output) or a Hugging Face Hub VAE, "
         "owner/name[/subfolder][@revision] (e.g. stabilityai/sdxl-vae), converted once and cached",
