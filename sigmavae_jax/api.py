@@ -221,6 +221,8 @@ def load(
     dtype: the compute dtype, "float32" or "bfloat16" (parameters stay as stored).
     tiling: "auto" (tile images above 1024 x 1024 pixels), "always", "never", or a `Tiling`.
     kernels: "auto" (those of this process's first device), "xla" or "cpu" (`sigmavae_jax.kernels`).
+        The CPU kernels, which "auto" picks on a CPU host, take reverse-mode autodiff only;
+        `jax.jvp` through them raises TypeError: use "xla" for forward mode.
     """
     check_path_type(path)
     if dtype not in DTYPES:

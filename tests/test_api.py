@@ -138,3 +138,16 @@ def test_params_that_do_not_fit_are_listed(tiny_cfg):
         r"decoder/conv_out/kernel got \(3, 3, 32, 4\) instead of \(3, 3, 32, 3\)",
     ):
         api.build_model(tiny_cfg, params)
+
+
+def test_forward_mode_passes_through_the_xla_kernels_and_is_refused_in_words_by_the_cpu_ones(export):
+    path, _ = export
+    z = jnp.asarray(images((1, 4, 4, 4), seed=1))
+    direction = jnp.asarray(images((1, 4, 4, 4), seed=2))
+    codec = sigmavae_jax.load(path, kernels="xla")
+    _, tangent = jax.jvp(codec.decode, (z,), (direction,))
+    eps = 1e-2  # the tangent is the decoder's directional derivative
+    slope = (codec.decode(z + eps * direction) - codec.decode(z - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(slope), atol=2e-3, rtol=2e-2)
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(sigmavae_jax.load(path, kernels="cpu").decode, (z,), (direction,))
