@@ -84,9 +84,19 @@ def initialize_distributed(
     """jax.distributed.initialize: explicit (coordinator, count, id) or auto-detected (TPU
     pods, SLURM, ...). CPU collectives across processes go through gloo (this setting only
     concerns the CPU backend, so it is harmless on GPU and TPU hosts). Returns once every
-    process has joined and one collective has run across all of them."""
+    process has joined and one collective has run across all of them. Raises ConfigError when
+    auto-detection finds no cluster (--multihost on a machine that is not part of one)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    except ValueError as error:
+        if coordinator is not None:
+            raise
+        raise ConfigError(
+            f"--multihost found no cluster to join (JAX: {str(error).rstrip('.')}). It is for TPU VM pod "
+            "slices, SLURM and the other launchers JAX detects; elsewhere give --coordinator HOST:PORT "
+            "--num-processes N --process-id I to every process, or leave --multihost out to run one process"
+        ) from None
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

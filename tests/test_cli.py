@@ -5,7 +5,11 @@ logging they set up."""
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import photo_folder_with_tiny_export
@@ -14,6 +18,8 @@ from sigmavae_jax import logs
 from sigmavae_jax.cli import convert as convert_cli
 from sigmavae_jax.cli import eval as eval_cli
 from sigmavae_jax.cli import train as train_cli
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -96,3 +102,25 @@ def test_other_libraries_info_logs_only_when_verbose(capsys):
         assert "resumed from here" in err and "a library's warning" in err
         assert ("orbax saved something" in err) == verbose
     logs.setup()
+
+
+def test_multihost_outside_a_cluster_is_one_line_naming_the_explicit_launch(tmp_path):
+    # JAX's cluster detection reads these; without them it finds none (as on any lone machine)
+    launchers = ("SLURM_", "OMPI_", "PMI_", "MPI_", "TPU_", "MEGASCALE_", "CLOUD_TPU")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launchers)}
+    env["JAX_PLATFORMS"] = "cpu"
+    for script, arguments in [
+        ("train.py", ["--config", "tiny", f"data.path={tmp_path}", f"workdir={tmp_path / 'run'}"]),
+        ("eval.py", ["--checkpoint", str(tmp_path / "export"), f"data.path={tmp_path}"]),
+    ]:
+        done = subprocess.run(
+            [sys.executable, str(REPO / script), "--multihost", *arguments],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert done.stderr.startswith("error: --multihost found no cluster to join") and done.stderr.count("\n") == 1
+        assert "--coordinator HOST:PORT --num-processes N --process-id I" in done.stderr
+    assert not (tmp_path / "run").exists()

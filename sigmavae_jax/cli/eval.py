@@ -434,9 +434,9 @@ def main(argv=None) -> int:
     from sigmavae_jax import parallel
     from sigmavae_jax.config import ConfigError
 
-    if args.multihost or args.coordinator:
-        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
+        if args.multihost or args.coordinator:
+            parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         RUN_MODE[args.mode](Run.start(args))
     except (ConfigError, FileNotFoundError, ValueError, storage.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -97,9 +97,9 @@ def main(argv=None) -> int:
     from sigmavae_jax import parallel, storage
     from sigmavae_jax.train.loop import TrainingDiverged, train
 
-    if args.multihost or args.coordinator:
-        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
+        if args.multihost or args.coordinator:
+            parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         init = args.init
         if init:  # a Hub name becomes its cached conversion; local and gs:// paths stay as they are
             from sigmavae_jax import hub
