@@ -373,9 +373,8 @@ def to_dict(config: pydantic.BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
-def describe_keys(model: type[pydantic.BaseModel] = Config, prefix: str = "") -> list[str]:
-    """One line per overridable key: `model.z_channels: int = 4`, for --help texts."""
-    lines = []
+def _leaf_fields(model: type[pydantic.BaseModel] = Config, prefix: str = ""):
+    """(dotted key, pydantic field) for every overridable key, sections walked in order."""
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
@@ -385,10 +384,17 @@ def describe_keys(model: type[pydantic.BaseModel] = Config, prefix: str = "") ->
             if isinstance(a, type) and issubclass(a, pydantic.BaseModel)
         ]
         if nested:
-            lines += describe_keys(nested[0], key + ".")
-            continue
-        lines.append(f"{key}: {_type_name(annotation)} = {field.get_default(call_default_factory=True)!r}")
-    return lines
+            yield from _leaf_fields(nested[0], key + ".")
+        else:
+            yield key, field
+
+
+def describe_keys() -> list[str]:
+    """One line per overridable key: `model.z_channels: int = 4`, for --help texts."""
+    return [
+        f"{key}: {_type_name(field.annotation)} = {field.get_default(call_default_factory=True)!r}"
+        for key, field in _leaf_fields()
+    ]
 
 
 def _type_name(annotation: Any) -> str:
@@ -402,16 +408,11 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def _known_keys() -> list[str]:
-    """Every overridable dotted key, in --help's order."""
-    return [line.split(":", 1)[0] for line in describe_keys()]
-
-
 def _did_you_mean(key: str, value: Any) -> str:
     """For an unknown dotted key (and a section's keys, where `value` is one): the known keys it
     was probably meant as, in a clause, or the way to list them."""
     given = [f"{key}.{sub}" for sub in value] if isinstance(value, dict) and value else [key]
-    known = _known_keys()
+    known = [key for key, _ in _leaf_fields()]
     guesses: list[str] = []
     for wrong in given:
         *_, leaf = wrong.split(".")
