@@ -179,12 +179,13 @@ def sd_vae(mesh, overrides: list[str] | tuple[str, ...] = ()):
     from sigmavae_jax.config import load_config
     from sigmavae_jax.kernels import select
     from sigmavae_jax.models.autoencoder import AutoencoderKL
+    from sigmavae_jax.models.init_rngs import init_rngs
 
     cfg = load_config("sd", overrides)
     return nnx.eval_shape(
         lambda: AutoencoderKL(
             cfg.model,
-            rngs=nnx.Rngs(0),
+            rngs=init_rngs(0),
             dtype=jnp.bfloat16,
             remat=cfg.train.remat,
             kernels=select("auto", mesh.devices.flat),

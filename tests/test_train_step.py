@@ -12,6 +12,7 @@ from flax import nnx
 
 from sigmavae_jax import kernels, losses, parallel
 from sigmavae_jax.config import load_config
+from sigmavae_jax.models.init_rngs import init_rngs
 from sigmavae_jax.models.lpips import load_lpips
 from sigmavae_jax.train import state as train_state
 from sigmavae_jax.train.step import compile_train_step, conv_kernel_grad, make_train_step
@@ -383,7 +384,7 @@ def test_memory_settings_take_autodiffs_block_backward():
 
     model_cfg = tiny_config().model
     for remat in (False, True, "convs", "blocks", "nested"):
-        model = nnx.eval_shape(lambda: AutoencoderKL(model_cfg, rngs=nnx.Rngs(0), remat=remat, kernels=kernels.XLA))
+        model = nnx.eval_shape(lambda: AutoencoderKL(model_cfg, rngs=init_rngs(0), remat=remat, kernels=kernels.XLA))
         written = [node.written_backward for _, node in nnx.iter_graph(model) if isinstance(node, ResnetBlock)]
         assert len(written) > 4 and set(written) == {not remat}, (remat, written)
     assert model.kernels == kernels.XLA  # the model's other kernels are the ones it was given
@@ -433,7 +434,7 @@ def test_nested_remat_cuts_before_the_last_resolution():
     from sigmavae_jax.models.autoencoder import AutoencoderKL, split_at_final_resolution
     from sigmavae_jax.models.layers import Downsample, ResnetBlock, Upsample
 
-    model = nnx.eval_shape(lambda: AutoencoderKL(load_config("sd").model, rngs=nnx.Rngs(0), kernels=kernels.XLA))
+    model = nnx.eval_shape(lambda: AutoencoderKL(load_config("sd").model, rngs=init_rngs(0), kernels=kernels.XLA))
     before, final = split_at_final_resolution(model.encoder.downsample_steps())
     assert isinstance(before[-1][1], Downsample) and before[-1][1] is model.encoder.down[2].downsample
     assert [s[1] for s in final] == list(model.encoder.down[3].block)

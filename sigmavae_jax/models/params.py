@@ -20,13 +20,14 @@ from sigmavae_jax.config import ModelConfig
 from sigmavae_jax.kernels import XLA, Kernels, select
 from sigmavae_jax.messages import key_summary
 from sigmavae_jax.models.autoencoder import AutoencoderKL
+from sigmavae_jax.models.init_rngs import init_rngs
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def abstract_model(cfg: ModelConfig, dtype, model_kernels: Kernels = XLA) -> AutoencoderKL:
     """The AutoencoderKL of `cfg` as shapes only (`nnx.eval_shape`): no memory, no random draws."""
-    return nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, kernels=model_kernels))
+    return nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=init_rngs(0), dtype=dtype, kernels=model_kernels))
 
 
 def local_kernels(setting: str | Kernels = "auto") -> Kernels:
@@ -95,7 +96,7 @@ def build_model(
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     model_kernels = local_kernels(kernels)
     if params is None:
-        return AutoencoderKL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, kernels=model_kernels)
+        return AutoencoderKL(cfg, rngs=init_rngs(seed), dtype=dtype, kernels=model_kernels)
     check_params(params, cfg)
     model = abstract_model(cfg, dtype, model_kernels)
     state = nnx.state(model, nnx.Param)

@@ -18,6 +18,7 @@ from sigmavae_jax.config import Config, OptimConfig
 from sigmavae_jax.kernels import XLA, Kernels
 from sigmavae_jax.models.autoencoder import AutoencoderKL
 from sigmavae_jax.models.discriminator import NLayerDiscriminator
+from sigmavae_jax.models.init_rngs import init_rngs
 from sigmavae_jax.models.params import DTYPES, flatten_params, unflatten_params
 
 TRAINED, FROZEN = "trained", "frozen"
@@ -113,11 +114,11 @@ def build_structure(cfg: Config, kernels: Kernels = XLA) -> TrainStructure:
     two optimizers."""
     dtype = DTYPES[cfg.train.compute_dtype]
     vae = nnx.eval_shape(
-        lambda: AutoencoderKL(cfg.model, rngs=nnx.Rngs(0), dtype=dtype, remat=cfg.train.remat, kernels=kernels)
+        lambda: AutoencoderKL(cfg.model, rngs=init_rngs(0), dtype=dtype, remat=cfg.train.remat, kernels=kernels)
     )
     disc = nnx.eval_shape(
         lambda: NLayerDiscriminator(
-            cfg.discriminator, in_channels=cfg.model.out_channels, rngs=nnx.Rngs(0), dtype=dtype
+            cfg.discriminator, in_channels=cfg.model.out_channels, rngs=init_rngs(0), dtype=dtype
         )
     )
     vae_graph, vae_params = nnx.split(vae)
@@ -141,9 +142,9 @@ def init_state(
     Pure: jit it with out_shardings so the state is born sharded."""
     vae_key, disc_key, rng = jax.random.split(key, 3)
     if vae_params is None:
-        model = AutoencoderKL(cfg.model, rngs=nnx.Rngs(vae_key))
+        model = AutoencoderKL(cfg.model, rngs=init_rngs(vae_key))
         vae_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    disc = NLayerDiscriminator(cfg.discriminator, in_channels=cfg.model.out_channels, rngs=nnx.Rngs(disc_key))
+    disc = NLayerDiscriminator(cfg.discriminator, in_channels=cfg.model.out_channels, rngs=init_rngs(disc_key))
     disc_params = nnx.to_pure_dict(nnx.state(disc, nnx.Param))
     disc_stats = nnx.to_pure_dict(nnx.state(disc, nnx.BatchStat))
     params = {"vae": vae_params, "logvar": jnp.asarray(cfg.loss.logvar_init, jnp.float32)}
