@@ -25,10 +25,12 @@ crop with `data.crop=center`) to S x S, x / 127.5 - 1. Eval = the same with a ce
 Sizes follow torchvision's conventions (long side int(S * long / short), center offsets
 round((H - S) / 2)), so the eval transform is the reference protocol's.
 
-Unreadable images (corrupt, truncated, not an image) are skipped, never a crash: decoding
-yields a `Skipped(name)` marker instead of an array and batching passes over it, reporting
-the name with the batch, so the count is exact even when decoding runs in worker processes,
-and the iterator state stays the state of the element stream (deterministic, checkpointable).
+Unreadable images (corrupt, truncated, not an image, over Pillow's decompression-bomb limit of
+`PIL.Image.MAX_IMAGE_PIXELS` x 2 pixels) are skipped, never a crash: decoding yields a
+`Skipped(name, reason)` marker instead of an array and batching passes over it, reporting
+the name and the reason with the batch (the log's warning names both), so the count is exact
+even when decoding runs in worker processes, and the iterator state stays the state of the
+element stream (deterministic, checkpointable).
 """
 
 from __future__ import annotations
@@ -100,8 +102,14 @@ def _remote_files(root: storage.Path) -> list[storage.Path]:
     return found
 
 
-def _open_rgb(data: bytes | str | os.PathLike, *, exif_transpose: bool = False) -> Image.Image | None:
-    """Bytes or a path -> a loaded RGB Pillow image, or None if it cannot be decoded."""
+class UnreadableImage(ValueError):
+    """An image that cannot be decoded; the message says why, in one line."""
+
+
+def _open_rgb(data: bytes | str | os.PathLike, *, exif_transpose: bool = False) -> Image.Image:
+    """Bytes or a path -> a loaded RGB Pillow image. Raises UnreadableImage saying why not."""
+    if isinstance(data, (bytes, bytearray, memoryview)) and len(data) == 0:
+        raise UnreadableImage("empty file")
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
         with Image.open(source) as image:
@@ -109,11 +117,17 @@ def _open_rgb(data: bytes | str | os.PathLike, *, exif_transpose: bool = False) 
             if exif_transpose:
                 image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
-    except Exception:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001
         # Pillow's format plugins raise many types on bad input (OSError, SyntaxError,
         # ValueError, EOFError, struct.error, DecompressionBombError, ...): any of them means
-        # this file is unusable, and the pipeline's contract is to skip it.
-        return None
+        # this file is unusable, and the pipeline's contract is to skip it, saying why.
+        raise UnreadableImage(_one_line(error)) from error
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, cut to `limit` characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -134,17 +148,20 @@ def decode_image(data: bytes | str | os.PathLike, *, exif_transpose: bool = Fals
     Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images all become RGB uint8.
     `exif_transpose=True` applies the EXIF orientation tag (the reference protocol does not).
     """
-    image = _open_rgb(data, exif_transpose=exif_transpose)
-    return None if image is None else np.asarray(image)
+    try:
+        return np.asarray(_open_rgb(data, exif_transpose=exif_transpose))
+    except UnreadableImage:
+        return None
 
 
-def _array_to_rgb(array: np.ndarray) -> Image.Image | None:
-    """A decoded tfds image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> RGB, else None."""
+def _array_to_rgb(array: np.ndarray) -> Image.Image:
+    """A decoded tfds image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> RGB; any other
+    array raises UnreadableImage naming its dtype and shape."""
     array = np.asarray(array)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3):
-        return None
-    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
-        return None
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise UnreadableImage(
+            f"a {array.dtype} array of shape {array.shape} is no image (expected uint8 (H, W) or (H, W, 1|3|4))"
+        )
     if array.ndim == 3:
         array = array[..., 0] if array.shape[-1] == 1 else array[..., :3]
     return Image.fromarray(array).convert("RGB")
@@ -191,9 +208,10 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
 
 
 class Skipped(NamedTuple):
-    """Stands in a pipeline for an image that could not be decoded."""
+    """Stands in a pipeline for an image that could not be decoded, and says why."""
 
     name: str
+    reason: str
 
 
 class _FolderRecord:
@@ -201,13 +219,13 @@ class _FolderRecord:
     (Pillow reads it), the object's bytes for a gs:// one (read in grain's read threads; an
     object that cannot be read is skipped like an undecodable file)."""
 
-    def __call__(self, path: str) -> tuple[str, str | bytes]:
+    def __call__(self, path: str) -> tuple[str, str | bytes | Skipped]:
         if not storage.is_remote(path):
             return path, path
         try:
             return path, storage.path(path).read_bytes()
-        except OSError:
-            return path, b""
+        except OSError as error:
+            return path, Skipped(path, f"could not be read ({_one_line(error)})")
 
 
 class _TfdsRecord:
@@ -226,20 +244,20 @@ class _TfdsRecord:
 
 
 class _DecodeResize:
-    """(name, bytes | path | uint8 array) -> uint8 (h, w, 3) with min(h, w) == size, or
-    Skipped(name) when the image cannot be decoded."""
+    """(name, bytes | path | uint8 array | Skipped) -> uint8 (h, w, 3) with min(h, w) == size,
+    or Skipped(name, why) when the image cannot be decoded."""
 
     def __init__(self, size: int):
         self.size = size
 
     def __call__(self, item: tuple[str, Any]) -> np.ndarray | Skipped:
         name, payload = item
-        if isinstance(payload, np.ndarray):
-            image = _array_to_rgb(payload)
-        else:
-            image = _open_rgb(payload)
-        if image is None:
-            return Skipped(name)
+        if isinstance(payload, Skipped):
+            return payload
+        try:
+            image = _array_to_rgb(payload) if isinstance(payload, np.ndarray) else _open_rgb(payload)
+        except UnreadableImage as error:
+            return Skipped(name, str(error))
         return np.asarray(resize_shorter_side(image, self.size))
 
 
@@ -269,7 +287,7 @@ class _RandomCrop:
 class _SkippingBatchDataset(grain.IterDataset):
     """Batches of `batch_size` decoded images, passing over `Skipped` markers.
 
-    Yields {"image": uint8 (B, S, S, 3), "skipped": [names skipped while filling it]}. The
+    Yields {"image": uint8 (B, S, S, 3), "skipped": [the Skipped met while filling it]}. The
     state is the parent's: it is read between batches, when every element consumed so far
     is in a batch already returned, so restoring it resumes at the next batch exactly.
     """
@@ -297,11 +315,11 @@ class _SkippingBatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, Any]:
         images: list[np.ndarray] = []
-        skipped: list[str] = []
+        skipped: list[Skipped] = []
         while len(images) < self._batch_size:
             element = next(self._parent)  # endless for training; StopIteration passes on
             if isinstance(element, Skipped):
-                skipped.append(element.name)
+                skipped.append(element)
                 self._note_skip(element.name)
             else:
                 images.append(element)
@@ -328,7 +346,7 @@ class _SkippingBatchIterator(grain.DatasetIterator):
 
 class _PadEvalBatch:
     """grain batch_fn: a list of images / Skipped markers -> {"image": uint8 (B, S, S, 3)
-    with the real images first and zeros after, "count": n_real, "skipped": names}."""
+    with the real images first and zeros after, "count": n_real, "skipped": [Skipped]}."""
 
     def __init__(self, batch_size: int, size: int):
         self.batch_size = batch_size
@@ -336,7 +354,7 @@ class _PadEvalBatch:
 
     def __call__(self, elements: Sequence[np.ndarray | Skipped]) -> dict[str, Any]:
         images = [e for e in elements if not isinstance(e, Skipped)]
-        skipped = [e.name for e in elements if isinstance(e, Skipped)]
+        skipped = [e for e in elements if isinstance(e, Skipped)]
         batch = np.zeros((self.batch_size, self.size, self.size, 3), np.uint8)
         if images:
             batch[: len(images)] = np.stack(images)
@@ -460,11 +478,11 @@ class _SkipLog:
     def __init__(self) -> None:
         self.files: dict[str, None] = {}  # an ordered set
 
-    def add(self, names: Sequence[str]) -> None:
-        for name in names:
+    def add(self, skipped: Sequence[Skipped]) -> None:
+        for name, reason in skipped:
             if name not in self.files:
                 self.files[name] = None
-                logger.warning("skipped unreadable image %s (%d skipped so far)", name, len(self.files))
+                logger.warning("skipped unreadable image %s: %s (%d skipped so far)", name, reason, len(self.files))
 
     def report(self) -> dict[str, Any]:
         return {"skipped": len(self.files), "files": list(self.files)}

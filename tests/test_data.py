@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -212,8 +213,27 @@ def test_training_over_a_folder_with_bad_files_skips_and_names_them(mixed_folder
         assert -1.0 <= batch.min() and batch.max() <= 1.0
     assert report["skipped"] == 3
     assert sorted(report["files"]) == sorted(str(root / rel) for rel in BAD)
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    assert all(str(root / rel) in warned for rel in BAD)
+    warnings = [r.getMessage() for r in caplog.records]
+    for rel in BAD:  # each file once, with Pillow's reason
+        (line,) = [w for w in warnings if str(root / rel) in w]
+        pattern = rf"skipped unreadable image {re.escape(str(root / rel))}: \w+Error: .+ \(\d skipped so far\)"
+        assert re.fullmatch(pattern, line), line
+    assert any("image file is truncated" in w for w in warnings)
+
+
+def test_an_image_over_pillows_pixel_limit_is_skipped_saying_so(tmp_path, monkeypatch, caplog):
+    for i in range(4):
+        Image.fromarray(_noise(40, 36, 3, seed=i)).save(tmp_path / f"small_{i}.png")
+    Image.fromarray(_noise(64, 64, 3, seed=9)).save(tmp_path / "huge.png")
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS as decompression bombs: scaled down
+    # here, so that 64 x 64 is over it and 40 x 36 under it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    caplog.set_level(logging.WARNING, logger="sigmavae_jax.data")
+    with data.train_iterator(_cfg(tmp_path, "data.workers=0", "data.shuffle=false"), seed=0) as it:
+        assert next(it).shape == (4, S, S, 3)
+        assert it.skipped() == {"skipped": 1, "files": [str(tmp_path / "huge.png")]}
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "huge.png: DecompressionBombError: Image size (4096 pixels) exceeds limit of 3000 pixels" in line
 
 
 # --------------------------------------------------------------------------- transforms
