@@ -214,6 +214,38 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path, photos):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+WRITE_METRICS = """
+import sys
+import numpy as np
+from sigmavae_jax import storage
+from sigmavae_jax.train.loop import MetricsWriter
+
+writer = MetricsWriter(storage.path(sys.argv[1]), active=True)
+writer.scalars(3, {"loss": 0.25})
+writer.image(3, "reconstruction", np.zeros((4, 4, 3), np.uint8))
+writer.close()
+print("torch" in sys.modules)
+import torch  # still importable
+"""
+
+
+def test_metrics_writer_does_not_import_torch_and_writes_events(tmp_path):
+    from tensorboardX.proto import event_pb2
+
+    done = subprocess.run([sys.executable, "-c", WRITE_METRICS, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr[-3000:]
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    # TFRecord framing: an 8-byte length, its 4-byte CRC, the record, the record's 4-byte CRC
+    raw, records = events.read_bytes(), []
+    while raw:
+        length = int.from_bytes(raw[:8], "little")
+        records.append(event_pb2.Event.FromString(raw[12 : 12 + length]))
+        raw = raw[16 + length :]
+    values = {(event.step, value.tag): value for event in records for value in event.summary.value}
+    assert values[3, "loss"].simple_value == 0.25 and values[3, "reconstruction"].image.height == 4
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 0.25}
+
+
 def test_bad_config_values_name_the_key(tmp_path, photos):
     done = subprocess.run(
         command(tmp_path / "bad", photos, "train.batch_sise=4"),
