@@ -41,6 +41,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/model_build.py
 	$(BIN)/python bench/op_profile.py --layers
 	$(BIN)/python bench/tpu_dry_run.py
 	$(BIN)/python bench/gpu_dry_run.py
