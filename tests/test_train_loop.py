@@ -214,6 +214,33 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path, photos):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+def test_a_ctrl_c_swallowed_where_it_landed_is_raised_again_at_the_next_step():
+    from sigmavae_jax.train.loop import Interruption
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore it
+    try:
+        interruption = Interruption()
+        try:
+            interruption.check()  # nothing yet
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler raises here
+            except KeyboardInterrupt:
+                pass  # as a __del__ or a finalizer running at that moment would drop it
+            with pytest.raises(KeyboardInterrupt):
+                interruption.check()
+        finally:
+            interruption.close()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # an ignored SIGINT (a shell's background job) stays ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignored = Interruption()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        ignored.close()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 WRITE_METRICS = """
 import sys
 import numpy as np

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -97,6 +98,34 @@ class Preemption:
     def close(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+class Interruption:
+    """Ctrl-C, never lost. Python raises KeyboardInterrupt wherever the main thread is when SIGINT
+    arrives; raised inside a `__del__` or a finalizer it is reported as ignored, and training
+    would go on. The handler installed here (only over Python's default one, so an ignored SIGINT
+    stays ignored, and only from the main thread) raises it as before and also records it;
+    `check()`, once per step, raises it again if it was swallowed. `close()` restores the handler."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
             self._previous = None
 
 
@@ -296,6 +325,8 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
         # meanwhile is acted on at the first step instead of being lost.
         preemption = Preemption(latest or 0)
         cleanup.callback(preemption.close)
+        interruption = Interruption()
+        cleanup.callback(interruption.close)
         if latest is not None:
             restored_step, state, data_state, saved_cfg = checkpointer.restore(with_shardings(state, shardings))
             iterator.set_state(data_state["processes"][jax.process_index()])
@@ -378,6 +409,7 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
             if step % cfg.checkpoint.every == 0 or step == total:
                 checkpointer.save(step, state, _data_state(iterator), cfg)
             progress.update(1)
+            interruption.check()
             # asked at every step, the last too: the sync service needs each process's step
             if preemption.reached(step) and step < total:
                 checkpointer.save(step, state, _data_state(iterator), cfg, force=True)
