@@ -51,6 +51,7 @@ from PIL import Image, ImageOps
 
 from sigmavae_jax import storage
 from sigmavae_jax.config import Config, ConfigError, DataConfig
+from sigmavae_jax.messages import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +122,7 @@ def _open_rgb(data: bytes | str | os.PathLike, *, exif_transpose: bool = False) 
         # Pillow's format plugins raise many types on bad input (OSError, SyntaxError,
         # ValueError, EOFError, struct.error, DecompressionBombError, ...): any of them means
         # this file is unusable, and the pipeline's contract is to skip it, saying why.
-        raise UnreadableImage(_one_line(error)) from error
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    """`Type: message` on one line, cut to `limit` characters."""
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise UnreadableImage(one_line(error)) from error
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -225,7 +220,7 @@ class _FolderRecord:
         try:
             return path, storage.path(path).read_bytes()
         except OSError as error:
-            return path, Skipped(path, f"could not be read ({_one_line(error)})")
+            return path, Skipped(path, f"could not be read ({one_line(error)})")
 
 
 class _TfdsRecord:

@@ -30,6 +30,8 @@ from typing import TypeVar, Union
 
 from etils import epath
 
+from sigmavae_jax.messages import one_line
+
 REMOTE_PREFIX = "gs://"
 TIMEOUT_ENV = "SIGMAVAE_STORAGE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
@@ -103,12 +105,7 @@ def within_deadline(fn: Callable[[], T], what: str) -> T:
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StorageError):
         raise
     except Exception as error:  # the storage client's own errors (aiohttp, google.auth, ...)
-        raise StorageError(f"{what}: {_one_line(error)}") from error
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text[:300]}"
+        raise StorageError(f"{what}: {one_line(error)}") from error
 
 
 def reachable(value: str | os.PathLike) -> Path:
