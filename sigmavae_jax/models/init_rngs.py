@@ -5,7 +5,7 @@ shardings, `jax.jit` for a train state born sharded. With flax 0.12's `nnx.Rngs`
 adds one to the stream's traced count, and `Variable.set_value` then asks that traced count for
 its `.sharding`; jax answers with an AttributeError whose message walks the whole trace so far
 to say where the tracer came from. One draw per parameter makes building a model quadratic in
-its size: most of the time an abstract VAE takes to build, and seconds per train.py start.
+its size (measured in docs/performance.md and `bench/model_build.py`).
 """
 
 from __future__ import annotations

@@ -168,8 +168,8 @@ def _summary_writer_class() -> type:
     """tensorboardX's SummaryWriter, imported as on a machine without torch.
 
     Where torch is installed (the convert and test extras), `import tensorboardX` imports it
-    too, only to accept torch tensors, which this writer is never given: about 2 s and 180 MB
-    per training process. Hidden from that one import, torch stays importable afterwards."""
+    too, only to accept torch tensors, which this writer is never given (its cost per training
+    process: docs/performance.md). Hidden from that one import, torch stays importable after."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
 
