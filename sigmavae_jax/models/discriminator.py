@@ -20,6 +20,46 @@ def _bn_scale_init(key, shape, dtype=jnp.float32):
     return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)  # reference init: N(1, 0.02)
 
 
+class BatchNorm2d(nnx.Module):
+    """torch's `BatchNorm2d` over the channels of (B, H, W, C), in float32.
+
+    Training mode normalises with the batch's mean and biased variance and moves the running
+    statistics as torch does: momentum 0.1, the variance unbiased (times n / (n - 1), n =
+    B * H * W). `use_running_average=True` normalises with the running statistics instead and
+    leaves them. eps 1e-5. Attributes: `scale`, `bias` (nnx.Param), `mean`, `var`
+    (nnx.BatchStat), each (C,) float32; a batch of one pixel (n = 1) has no unbiased variance
+    and raises ValueError.
+    """
+
+    momentum = 0.1
+    epsilon = 1e-5
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.scale = nnx.Param(_bn_scale_init(rngs.params(), (channels,)))
+        rngs.params()  # unused: flax's BatchNorm, used before, drew a key here, so a seed keeps its draws
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, use_running_average: bool = False) -> jax.Array:
+        x = x.astype(jnp.float32)
+        if use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            n = x.size // x.shape[-1]
+            if n < 2:
+                raise ValueError(
+                    f"BatchNorm2d in training mode needs more than one value per channel, got shape {x.shape}"
+                )
+            mean = jnp.mean(x, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+            # set_value, not `[...] =`: flax's indexed assignment asks a traced value for its
+            # sharding, and jax answers with an error message that walks the whole trace so far.
+            self.mean.set_value((1 - self.momentum) * self.mean[...] + self.momentum * mean)
+            self.var.set_value((1 - self.momentum) * self.var[...] + self.momentum * var * (n / (n - 1)))
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
+
+
 class NLayerDiscriminator(nnx.Module):
     """(B, H, W, C) image in [-1, 1] -> (B, H', W', 1) patch logits (H' = H/8 - 2 for 3 layers).
 
@@ -42,16 +82,7 @@ class NLayerDiscriminator(nnx.Module):
             )
 
         def norm(c):
-            # torch BatchNorm2d: momentum 0.1 (flax: 0.9), eps 1e-5, statistics in float32
-            return nnx.BatchNorm(
-                c,
-                momentum=0.9,
-                epsilon=1e-5,
-                dtype=jnp.float32,
-                scale_init=_bn_scale_init,
-                use_fast_variance=False,
-                rngs=rngs,
-            )
+            return BatchNorm2d(c, rngs=rngs)
 
         ndf = cfg.ndf
         self.conv_in = conv(in_channels, ndf, 2, True)
@@ -70,6 +101,6 @@ class NLayerDiscriminator(nnx.Module):
         h = nnx.leaky_relu(self.conv_in(x), 0.2)
         for conv, norm in zip(self.convs, self.norms):
             h = conv(h)
-            h = norm(h.astype(jnp.float32), use_running_average=use_running_average).astype(h.dtype)
+            h = norm(h, use_running_average=use_running_average).astype(h.dtype)
             h = nnx.leaky_relu(h, 0.2)
         return self.conv_out(h).astype(jnp.float32)
