@@ -26,6 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     "parse, argv, message",
     [
         (train_cli.parse_args, ["--dump-top", "-1"], "argument --dump-top: must be 0 or more, got -1"),
+        (eval_cli.parse_args, ["--dump-top", "x"], "argument --dump-top: must be an integer, got 'x'"),
         (train_cli.parse_args, ["--num-processes", "0"], "argument --num-processes: must be a positive integer, got 0"),
         (train_cli.parse_args, ["--process-id", "x"], "argument --process-id: must be an integer, got 'x'"),
         (train_cli.parse_args, ["--config", "tiny", "--num-processes", "2"], "need --coordinator HOST:PORT"),

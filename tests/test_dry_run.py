@@ -363,6 +363,8 @@ def test_eval_dry_run_reports_encode_and_decode(capsys):
             "8",
             "--dtype",
             "bfloat16",
+            "--dump-top",
+            "3",
         ]
     )
     out = capsys.readouterr().out
@@ -371,8 +373,24 @@ def test_eval_dry_run_reports_encode_and_decode(capsys):
     for name in ("encode", "decode"):
         assert figures[name]["fits"] and figures[name]["batch_per_chip"] == 2
         assert figures[name]["flops_per_image"] > 0 and figures[name]["roofline_images_per_s_per_chip"] > 0
+    # --dump-top lists each program's own operations, after its report, against its cost analysis
+    listings = out.split("the 3 operations that move the most:")[1:]
+    assert len(listings) == 2, out
+    for listing in listings:  # the header and three operations, then the sums by source
+        assert len([line for line in listing.split("summed by source:")[0].splitlines() if line.strip()]) == 4
+    for name in ("encode", "decode"):
+        analysed = figures[name]["bytes_per_image"] * 2 / 1e9
+        assert f"HBM traffic per device: {analysed:.2f} GB (cost analysis)" in out, out
     # decoding a tiny f4 model's latent costs more than encoding the image (more blocks, upsampling)
     assert figures["decode"]["flops_per_image"] > figures["encode"]["flops_per_image"]
+
+
+@pytest.mark.parametrize("cli", [train_cli, eval_cli], ids=["train", "eval"])
+@pytest.mark.parametrize("flag", [["--dump-top", "3"], ["--topology", "v5litepod-4"]])
+def test_dry_run_options_without_dry_run_are_an_error(cli, flag, capsys):
+    assert cli.main(["--config", "tiny", *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --dry-run needs --topology") and "need --dry-run" in err, err
 
 
 def test_fsdp_shards_parameters_and_optimizer_state_over_the_slice():

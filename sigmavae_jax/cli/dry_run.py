@@ -8,6 +8,8 @@ import json
 import sys
 import time
 
+from sigmavae_jax.cli.shared_args import non_negative_int
+
 DOES_NOT_FIT = 4
 
 
@@ -26,6 +28,13 @@ def add_arguments(parser, program: str) -> None:
         help="with --dry-run: a TPU slice, as JAX names it (v5e:4x4, v4:2x2x4) or as Cloud does "
         "(v5litepod-16, v4-32, v5p-8, v6e-8), or GPUs: h100, h200, a100-80gb, b200, one node of 8 as "
         "8xh100, 2 nodes of 8 as 2x8xh100 (GPUs need pip install -e '.[gpu]')",
+    )
+    parser.add_argument(
+        "--dump-top",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help=f"with --dry-run: list the N operations of {program} as compiled that move the most HBM bytes",
     )
 
 
@@ -93,15 +102,19 @@ def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep:
     return _finish(report, extra, dry_run.advice(report, cfg))
 
 
-def codec(model_cfg, topology_name: str, *, size: int, batch_size: int, dtype: str) -> int:
-    """Encode and decode on the slice."""
+def codec(model_cfg, topology_name: str, *, size: int, batch_size: int, dtype: str, dump_top: int = 0) -> int:
+    """Encode and decode on the slice; dump_top: list the operations of each compiled program
+    that move the most HBM bytes."""
     tpu_slice = _slice(topology_name)
     from sigmavae_jax import dry_run, topology
 
     print(f"compiling encode and decode for {tpu_slice.topology} ({_devices(tpu_slice)}) on this host", flush=True)
-    reports = dry_run.codec_reports(model_cfg, tpu_slice, size=size, batch_size=batch_size, dtype=dtype)
+    keep = {}
+    reports = dry_run.codec_reports(model_cfg, tpu_slice, size=size, batch_size=batch_size, dtype=dtype, keep=keep)
     for report in reports:
         print("\n".join(report.lines()))
+        if dump_top and "compiled" in keep[report.program]:
+            print_top_ops(keep[report.program]["compiled"], dump_top, report.batch_per_chip)
     figures = {report.program: report.figures() for report in reports}
     fits = all(report.fits for report in reports)
     if not fits:

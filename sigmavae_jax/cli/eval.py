@@ -44,6 +44,7 @@ examples:
 
   # before renting a slice: encode and decode compiled for it here (the model from --config)
   python eval.py --dry-run --topology v5litepod-4 --config flux --size 256 --batch-size 64 --dtype bfloat16
+  python eval.py --dry-run --topology v5litepod-4 --config flux --size 1024 --batch-size 4 --dump-top 10
 
 rFID needs the FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth converted
 with `python convert_torch_weights.py pt_inception-2015-12-05-6726825d.pth inception.npz --inception`;
@@ -426,7 +427,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logs.setup(verbose=args.verbose)
     topology.quiet_libtpu_on_a_host_without_tpu()
-    if args.dry_run or args.topology:
+    if args.dry_run or args.topology or args.dump_top:
         return compile_only(args)
     if not args.checkpoint:
         print("error: --checkpoint is required (a params export, a workdir or a Hub name)", file=sys.stderr)
@@ -451,13 +452,20 @@ def compile_only(args) -> int:
     if not (args.dry_run and args.topology and args.config):
         print(
             "error: --dry-run needs --topology NAME and --config (the model section, e.g. flux); "
-            "--topology needs --dry-run",
+            "--topology and --dump-top need --dry-run",
             file=sys.stderr,
         )
         return 2
     try:
         model_cfg = load_config(args.config, args.overrides).model
-        return dry_run.codec(model_cfg, args.topology, size=args.size, batch_size=args.batch_size, dtype=args.dtype)
+        return dry_run.codec(
+            model_cfg,
+            args.topology,
+            size=args.size,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            dump_top=args.dump_top,
+        )
     except (ConfigError, UnknownTopology, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -70,13 +70,6 @@ def parse_args(argv):
         help="with --dry-run: find the largest per-chip batch that fits (compiles where the memory line "
         "through the last two meets the capacity, doubling or bisecting where it cannot)",
     )
-    parser.add_argument(
-        "--dump-top",
-        type=shared_args.non_negative_int,
-        default=0,
-        metavar="N",
-        help="with --dry-run: list the N operations of the compiled step that move the most HBM bytes",
-    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=1000")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between options
     shared_args.check_multiprocess_arguments(parser, args)
@@ -92,7 +85,7 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.dry_run or args.topology or args.find_batch:
+    if args.dry_run or args.topology or args.find_batch or args.dump_top:
         return compile_only(args, cfg)
     from sigmavae_jax import parallel, storage
     from sigmavae_jax.train.loop import TrainingDiverged, train
@@ -130,7 +123,8 @@ def compile_only(args, cfg) -> int:
 
     if not (args.dry_run and args.topology):
         print(
-            "error: --dry-run needs --topology NAME (e.g. v5litepod-4), and --topology/--find-batch need --dry-run",
+            "error: --dry-run needs --topology NAME (e.g. v5litepod-4), and --topology/--find-batch/--dump-top "
+            "need --dry-run",
             file=sys.stderr,
         )
         return 2
