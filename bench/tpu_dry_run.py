@@ -11,6 +11,9 @@ programs' own analyses, the roofline-bound images/s and the largest batch per ch
   way, ours also with its memory setting (train.remat=nested: the largest batch; --vae-remat).
   The peer is installed into bench/.peer (pip --target), not into our environment.
 
+- encode, decode (asked for with --only): our SD-config encode and decode as `eval.py --dry-run`
+  compiles them (inference, bf16), against the peer's (peer_encode, peer_decode).
+
 HBM, FLOPs and bytes are compared at 8 images per chip. The largest batches (ns1's with both
 settings, our VAE's with its memory setting, the peer's) are searched from above
 (largest_from_above, from --search-from per chip), for the TPU compiler's costs: a compile that
@@ -30,6 +33,7 @@ its own process; docs/performance.md has the run's time on 2 cores. --only runs 
 with one JSON line.
 
     python bench/tpu_dry_run.py [--topology v5litepod-4 v5litepod-16] [--jobs 2] [--ns1-remat true]
+    python bench/tpu_dry_run.py --only encode decode peer_encode peer_decode
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ MARGIN = 0.985  # of the datasheet HBM: the compiler keeps a little for itself (
 
 
 class Measurement(NamedTuple):
-    program: str  # "step" (configs/nextstep1_f8c16.yaml), "vae" (ours, SD config) or "peer"
+    program: str  # "step" (configs/nextstep1_f8c16.yaml), "vae" (ours, SD config), "peer", or a codec
+    # program: "encode" or "decode" (ours, SD config, as eval.py --dry-run compiles them), "peer_encode" or
+    # "peer_decode"
     overrides: tuple[str, ...]  # config overrides; {ns1_remat} and {vae_remat}: the memory settings
     at_reported_batch: bool  # compiled at REPORTED_BATCH per chip
     searched: bool  # its largest batch per chip searched (largest_from_above)
@@ -73,7 +79,15 @@ MEASUREMENTS = {
     "peer": Measurement("peer", (), True, True),
     "vae_remat": Measurement("vae", ("train.remat={vae_remat}",), False, True),
     "vae": Measurement("vae", (), True, False),
+    "encode": Measurement("encode", (), True, False),
+    "decode": Measurement("decode", (), True, False),
+    "peer_encode": Measurement("peer_encode", (), True, False),
+    "peer_decode": Measurement("peer_decode", (), True, False),
 }
+# What a plain run measures (issue 12's figures); the codec programs (inference, for users who
+# call encode/decode from their own models) are asked for with --only.
+DEFAULT_MEASUREMENTS = ("ns1_remat", "ns1", "peer", "vae_remat", "vae")
+CODEC_MEASUREMENTS = ("encode", "decode", "peer_encode", "peer_decode")
 # The memory settings: for ns1 the one that saves the most within issue 12's 15% more FLOPs, for
 # the VAE the one with the largest batch (its comparison has no FLOPs limit).
 REMAT_SETTINGS = {"ns1_remat": "blocks", "vae_remat": "nested"}
@@ -119,15 +133,11 @@ def _vae_program(model, mesh, per_chip: int):
     return jax.jit(grads, in_shardings=(replicated, split, replicated), out_shardings=replicated), args
 
 
-def _peer_program(mesh, per_chip: int):
-    """diffusers 0.39's FlaxAutoencoderKL (SD config, bf16) forward and backward, the same loss,
-    NCHW images as it takes them."""
+def _peer_model():
+    """diffusers 0.39's FlaxAutoencoderKL, SD config, bf16, and its parameters as shapes."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from diffusers.models.vae_flax import FlaxAutoencoderKL
-
-    from sigmavae_jax import parallel
 
     model = FlaxAutoencoderKL(
         in_channels=3,
@@ -141,7 +151,19 @@ def _peer_program(mesh, per_chip: int):
         sample_size=SIZE,
         dtype=jnp.bfloat16,
     )
-    params = jax.eval_shape(model.init_weights, jax.random.key(0))
+    return model, jax.eval_shape(model.init_weights, jax.random.key(0))
+
+
+def _peer_program(mesh, per_chip: int):
+    """The peer's forward and backward, the same loss as `_vae_program`, NCHW images as it
+    takes them."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sigmavae_jax import parallel
+
+    model, params = _peer_model()
     replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     def grads(params, x, key):
@@ -159,6 +181,29 @@ def _peer_program(mesh, per_chip: int):
         jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),
     )
     return jax.jit(grads, in_shardings=(replicated, split, replicated), out_shardings=replicated), args
+
+
+def _peer_codec_program(mesh, per_chip: int, which: str):
+    """The peer's encode (NCHW images -> the posterior mean) or decode (NCHW latents -> images),
+    parameters replicated and the batch split, as `dry_run.codec_programs` compiles ours."""
+    import jax
+    import numpy as np
+
+    from sigmavae_jax import parallel
+
+    model, params = _peer_model()
+    replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    if which == "encode":
+        fn = lambda p, x: model.apply({"params": p}, x, method=model.encode).latent_dist.mean  # noqa: E731
+        shape = (per_chip * mesh.size, 3, SIZE, SIZE)
+    else:
+        fn = lambda p, z: model.apply({"params": p}, z, method=model.decode).sample  # noqa: E731
+        shape = (per_chip * mesh.size, 4, SIZE // 8, SIZE // 8)
+    args = (
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params),
+        jax.ShapeDtypeStruct(shape, np.float32, sharding=split),
+    )
+    return jax.jit(fn, in_shardings=(replicated, split), out_shardings=split), args
 
 
 def ns1_config(batch_size: int, overrides: list[str] | tuple[str, ...] = ()):
@@ -206,13 +251,30 @@ def measure_one(name: str, topology_name: str, per_chip: int) -> dict:
         cfg = ns1_config(per_chip * tpu_slice.chips, overrides)
         return dry_run.train_step_report(cfg, tpu_slice).figures()
     mesh = parallel.make_mesh(devices=topology.slice_devices(tpu_slice))
+    if kind in ("encode", "decode"):
+        from sigmavae_jax.config import load_config
+        from sigmavae_jax.kernels import select
+
+        model_cfg = load_config("sd").model
+        programs = dry_run.codec_programs(
+            model_cfg,
+            mesh,
+            select("auto", mesh.devices.flat),
+            size=SIZE,
+            batch_size=per_chip * mesh.size,
+            dtype="bfloat16",
+        )
+        jitted, args, parts = programs[kind]
+        return dry_run.report_of(name, tpu_slice, jitted, args, parts, per_chip).figures()
     flops = None  # a GPU's compiler counts none: the same program lowered for one CPU device does
     if kind == "vae":
         model = sd_vae(mesh, overrides)
         jitted, args = _vae_program(model, mesh, per_chip)
         flops = lambda: dry_run.lowered_flops(*_vae_program(model, dry_run.one_cpu_mesh(), per_chip))  # noqa: E731
-    else:
+    elif kind == "peer":
         jitted, args = _peer_program(mesh, per_chip)
+    else:
+        jitted, args = _peer_codec_program(mesh, per_chip, kind.removeprefix("peer_"))
     parts = {"parameters": args[0], "images": args[1]}
     return dry_run.report_of(name, tpu_slice, jitted, args, parts, per_chip, flops=flops).figures()
 
@@ -253,7 +315,7 @@ def allocator_library() -> str | None:
 def run_one(name: str, topology_name: str, per_chip: int, extra_path: tuple[str, ...] = ()) -> dict:
     """One compile in a process of its own; extra_path: folders put on its PYTHONPATH."""
     env = dict(os.environ)
-    paths = [*extra_path, *([str(PEER_DIR)] if MEASUREMENTS[name].program == "peer" else [])]
+    paths = [*extra_path, *([str(PEER_DIR)] if MEASUREMENTS[name].program.startswith("peer") else [])]
     if paths:
         env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     start = time.perf_counter()
@@ -322,7 +384,14 @@ def main() -> None:
         default="mimalloc",
         help="the compiling processes' malloc (default: mimalloc, preloaded; the same programs, faster)",
     )
-    parser.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), default=list(MEASUREMENTS))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(MEASUREMENTS),
+        default=list(DEFAULT_MEASUREMENTS),
+        help=f"the measurements to run (default: {' '.join(DEFAULT_MEASUREMENTS)}; the codec programs against "
+        f"the peer's: {' '.join(CODEC_MEASUREMENTS)})",
+    )
     parser.add_argument(
         "--search-from",
         type=int,
@@ -345,7 +414,7 @@ def main() -> None:
     for name in REMAT_SETTINGS:
         os.environ[f"SIGMAVAE_BENCH_{name.upper()}"] = getattr(args, name)
     settings = remat_settings()
-    if "peer" in args.only:
+    if any(name.startswith("peer") for name in args.only):
         ensure_peer()
     library = allocator_library() if args.allocator == "mimalloc" else None
     if library:  # the compiling processes inherit it
@@ -457,6 +526,12 @@ def main() -> None:
                 at_largest("vae_remat", "flops_per_image"), at_largest("peer", "flops_per_image")
             ),
         )
+    for program in ("encode", "decode"):
+        if {program, f"peer_{program}"} <= set(args.only):
+            for figure in ("bytes_per_image", "flops_per_image", "hbm_total"):
+                summary[f"{program}_{figure}_vs_peer"] = over(
+                    at_reported(program, figure), at_reported(f"peer_{program}", figure)
+                )
     memory_settings = {name: f"train.remat={value}" for name, value in settings.items()}
     print(json.dumps({"topology": topo, "memory_settings": memory_settings, **summary}))
 

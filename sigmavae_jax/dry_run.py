@@ -424,7 +424,7 @@ def codec_reports(
         )
     kernels = select("auto", mesh.devices.flat)
     per_device = batch_size // mesh.size
-    programs = _codec_programs(model_cfg, mesh, kernels, size=size, batch_size=batch_size, dtype=dtype)
+    programs = codec_programs(model_cfg, mesh, kernels, size=size, batch_size=batch_size, dtype=dtype)
     # the same programs for one CPU device, lowered only: FLOPs where the compiler gives none
     on_cpu = dict.fromkeys(programs)
     reports = []
@@ -433,7 +433,7 @@ def codec_reports(
         def flops(name=name):
             if on_cpu[name] is None:
                 on_cpu.update(
-                    _codec_programs(model_cfg, one_cpu_mesh(), kernels, size=size, batch_size=per_device, dtype=dtype)
+                    codec_programs(model_cfg, one_cpu_mesh(), kernels, size=size, batch_size=per_device, dtype=dtype)
                 )
             return lowered_flops(*on_cpu[name][:2])
 
@@ -453,7 +453,7 @@ def codec_reports(
     return reports
 
 
-def _codec_programs(
+def codec_programs(
     model_cfg: ModelConfig, mesh, kernels: Kernels, *, size: int, batch_size: int, dtype: str
 ) -> dict[str, tuple[Any, tuple, dict[str, Any]]]:
     """{"encode", "decode"} -> (jitted, abstract args, the args' parts) of the codec with
