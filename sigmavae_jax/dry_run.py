@@ -96,6 +96,10 @@ def cost_of(program) -> dict[str, float]:
     return dict(cost or {})
 
 
+# The least images per chip whose convs the TPU compiler takes as they are laid out (v4, v5e, v5p
+# and v6e alike); with fewer it folds image columns into the batch around each conv.
+TPU_FULL_BATCH = 8
+
 # Where a report's FLOPs come from, as its text and JSON say.
 COMPILED = "the compiled program's cost analysis"
 LOWERED_ON_CPU = (
@@ -234,6 +238,13 @@ class Report:
             if self.bytes_per_image:
                 lines.append(f"per image: {flops}, {self.bytes_per_image / 1e9:.3f} GB of HBM traffic")
                 lines.append(f"roofline: {rate:.1f} images/s per {unit} ({self.bound}-bound; {peaks})")
+                if chip.platform == "tpu" and self.batch_per_chip < TPU_FULL_BATCH:
+                    lines.append(
+                        f"  note: below {TPU_FULL_BATCH} images per chip the TPU compiler lays each conv's input out "
+                        f"again (image columns folded into the batch: pads and copies around every conv), so the "
+                        f"bytes per image are several times those at {TPU_FULL_BATCH} per chip "
+                        "(docs/performance.md); compare at a larger batch"
+                    )
             else:
                 lines.append(f"per image: {flops} ({self.flops_source}); HBM traffic: no figure")
                 lines.append(

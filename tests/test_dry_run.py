@@ -381,6 +381,17 @@ def test_eval_dry_run_reports_encode_and_decode(capsys):
     for name in ("encode", "decode"):
         analysed = figures[name]["bytes_per_image"] * 2 / 1e9
         assert f"HBM traffic per device: {analysed:.2f} GB (cost analysis)" in out, out
+    # below 8 per chip the compiler lays the convs' inputs out again: the report says so, and the
+    # bytes per image are several times those at 8 per chip (if this stops, the note can go)
+    assert out.count("note: below 8 images per chip") == 2
+    argv = ["--dry-run", "--topology", "v5litepod-4", "--config", "tiny", "--size", str(SIZE), "--dtype", "bfloat16"]
+    assert eval_cli.main([*argv, "--batch-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "note: below" not in out
+    at_eight = json.loads(out.strip().splitlines()[-1])
+    for name in ("encode", "decode"):
+        assert at_eight[name]["batch_per_chip"] == 8
+        assert figures[name]["bytes_per_image"] > 3 * at_eight[name]["bytes_per_image"], name
     # decoding a tiny f4 model's latent costs more than encoding the image (more blocks, upsampling)
     assert figures["decode"]["flops_per_image"] > figures["encode"]["flops_per_image"]
 
