@@ -242,6 +242,10 @@ class LogConfig(_Strict):
 
     every: int = pydantic.Field(50, gt=0)  # metrics every N steps
     images_every: int = pydantic.Field(1000, gt=0)  # reconstruction grid PNG every N steps
+    # a jax.profiler trace of steps profile_at .. profile_at + profile_steps - 1 on every process,
+    # into workdir/tensorboard/plugins/profile (TensorBoard's profile tab); None: no trace
+    profile_at: int | None = pydantic.Field(None, ge=1)
+    profile_steps: int = pydantic.Field(3, gt=0)
 
 
 class Config(_Strict):

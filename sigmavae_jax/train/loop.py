@@ -30,6 +30,7 @@ from sigmavae_jax import data, parallel, storage, viz
 from sigmavae_jax.checkpoint import Checkpointer, export_params, load_params, with_shardings
 from sigmavae_jax.config import Config, ConfigError, to_dict
 from sigmavae_jax.models.params import check_params
+from sigmavae_jax.train.profile import StepProfiler
 from sigmavae_jax.train.program import build_program
 from sigmavae_jax.train.state import TrainState, TrainStructure, create_state, learning_rate_schedule
 
@@ -370,6 +371,8 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
             total=total, initial=step, unit="step", disable=not (main_process and show_progress), dynamic_ncols=True
         )
         cleanup.callback(progress.close)
+        profiler = StepProfiler(workdir, cfg.log.profile_at, cfg.log.profile_steps)
+        cleanup.callback(profiler.close)
         window_start, window_steps = time.perf_counter(), 0
         nonfinite_run, skipped_steps, reason = 0, 0, "done"
         pending = None  # the previous step's metrics, read one step late so the host never waits
@@ -378,8 +381,10 @@ def train(cfg: Config, *, init: str | None = None, show_progress: bool = True) -
         # Every line of this loop either dispatches work, reads the previous step (`pending`),
         # or runs only on a logging, image, checkpoint or preemption step.
         while step < total:
+            profiler.before(step + 1)
             state, metrics = step_fn(state, batch, lpips_vars)
             step += 1
+            profiler.after(step, metrics)
             window_steps += 1
             if pending is not None:  # the previous step: done or nearly, while this one runs
                 skipped = int(pending["skipped"])
