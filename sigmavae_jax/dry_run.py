@@ -682,12 +682,48 @@ def hlo_traffic(hlo_text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def traffic_by_source(rows: list[dict[str, Any]], depth: int = 2) -> list[tuple[str, int, int]]:
-    """(the last `depth` parts of the JAX name, bytes, operations) summed over `rows`, most first."""
+def _top_level_parts(op_name: str) -> list[str]:
+    """`op_name` split at the slashes outside parentheses."""
+    parts, depth, current = [], 0, ""
+    for char in op_name:
+        depth += (char == "(") - (char == ")")
+        if char == "/" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def _unwrapped(part: str) -> str:
+    """A transform's wrapping taken off: `transpose(jvp(encoder/conv_in))` -> `encoder/conv_in`."""
+    while (match := re.fullmatch(r"\w+\((.*)\)", part)) is not None:
+        part = match.group(1)
+    return part
+
+
+def layer_of(op_name: str) -> str:
+    """The layer an operation of a compiled program comes from, by its JAX name: the named
+    scopes between the outer `jit(...)` and the primitive (inner `jit`s left out), with transforms (`jvp`, `transpose`,
+    `checkpoint`) taken off, e.g. `jit(train_step)/transpose(jvp(decoder/up/1/upsample))/reduce_sum`
+    -> `decoder/up/1/upsample` (the models name their modules' scopes after their parameter
+    paths). An operation outside every scope gives its primitive, and one without a JAX name
+    (a copy the compiler added) its HLO name, digits dropped."""
+    parts = _top_level_parts(op_name)
+    scopes: list[str] = []
+    for part in (_unwrapped(p) for p in parts[1:-1] if not p.startswith("jit(")):  # a jit names a function
+        if part and (not scopes or scopes[-1] != part):
+            scopes.append(part)
+    if scopes:
+        return "/".join(scopes)
+    return re.sub(r"[.\d]+$", "", _unwrapped(parts[-1])) or op_name
+
+
+def traffic_by_layer(rows: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """(`layer_of` the operations, bytes, operations) summed over `rows`, most first."""
     groups: dict[str, list[int]] = {}
     for row in rows:
-        key = "/".join(row["source"].split(";")[0].split("/")[-depth:])
-        group = groups.setdefault(key, [0, 0])
+        group = groups.setdefault(layer_of(row["source"].split(";")[0]), [0, 0])
         group[0] += row["bytes"]
         group[1] += 1
     return sorted(((key, b, n) for key, (b, n) in groups.items()), key=lambda item: -item[1])

@@ -187,6 +187,39 @@ _CURVES = {
 }
 
 
+@pytest.mark.parametrize(
+    "op_name, layer",
+    [
+        ("jit(fn)/encoder/down/0/block/1/conv_general_dilated", "encoder/down/0/block/1"),
+        ("jit(train_step)/transpose(jvp(decoder/up/1/upsample))/reduce_sum", "decoder/up/1/upsample"),
+        (
+            "jit(train_step)/transpose(jvp(decoder/up/0/block/1))/jvp(decoder/up/0/block/1)/"
+            "transpose(jvp(decoder/up/0/block/1))/add_any",
+            "decoder/up/0/block/1",
+        ),
+        ("jit(train_step)/cond/branch_1_fun/discriminator/conv_general_dilated", "cond/branch_1_fun/discriminator"),
+        ("jit(fn)/decoder/mid/attn_1/jit(silu)/mul", "decoder/mid/attn_1"),
+        ("jit(fn)/jit(silu)/mul", "mul"),
+        ("jit(train_step)/transpose(jvp())/select_n", "select_n"),
+        ("copy-start.17", "copy-start"),
+    ],
+)
+def test_an_operation_is_put_in_the_layer_its_jax_name_holds(op_name, layer):
+    assert dry_run.layer_of(op_name) == layer
+
+
+def test_the_models_scopes_are_their_parameter_paths_and_stay_out_of_the_state():
+    from flax import nnx
+
+    from sigmavae_jax.models.autoencoder import AutoencoderKL
+
+    model = AutoencoderKL(load_config("tiny").model, rngs=nnx.Rngs(0))
+    conv2 = model.encoder.down[1].block[0].conv2
+    assert conv2.scope_name == "encoder/down/1/block/0/conv2"
+    assert nnx.to_pure_dict(nnx.state(model))["encoder"]["down"][1]["block"][0]["conv2"].keys() == {"kernel", "bias"}
+    assert model.decoder.up[1].upsample.scope_name == "decoder/up/1/upsample"
+
+
 @pytest.mark.parametrize("curve", list(_CURVES))
 def test_largest_fitting_finds_the_largest_batch_on_any_memory_curve(curve):
     used = _CURVES[curve]
@@ -264,6 +297,11 @@ def test_tpu_step_holds_the_conditionals_and_none_of_the_cpu_forms_and_reports_i
     assert sum(row["bytes"] for row in rows) == pytest.approx(cost["bytes accessed"], rel=0.05)
     assert 0 < sum(row["on_chip"] for row in rows) < sum(row["bytes"] for row in rows)  # XLA stages some in VMEM
     assert any("conv_general_dilated" in row["source"] for row in rows)
+    # the listing sums by layer: the models' scopes, named after their parameter paths, through
+    # the backward pass's transforms
+    layers = {layer: size for layer, size, _ in dry_run.traffic_by_layer(rows)}
+    assert {"encoder/conv_in", "encoder/down/0/block/0", "decoder/up/0/block/1", "lpips"} <= set(layers), layers
+    assert sum(layers.values()) == sum(row["bytes"] for row in rows)
     chip = topology.CHIPS["v5e"]
     want = min(chip.bf16_flops / report.flops_per_image, chip.hbm_bandwidth / report.bytes_per_image)
     assert report.roofline_images_per_s == pytest.approx(want)
@@ -377,7 +415,7 @@ def test_eval_dry_run_reports_encode_and_decode(capsys):
     listings = out.split("the 3 operations that move the most:")[1:]
     assert len(listings) == 2, out
     for listing in listings:  # the header and three operations, then the sums by source
-        assert len([line for line in listing.split("summed by source:")[0].splitlines() if line.strip()]) == 4
+        assert len([line for line in listing.split("summed by layer:")[0].splitlines() if line.strip()]) == 4
     for name in ("encode", "decode"):
         analysed = figures[name]["bytes_per_image"] * 2 / 1e9
         assert f"HBM traffic per device: {analysed:.2f} GB (cost analysis)" in out, out

@@ -156,10 +156,10 @@ def print_top_ops(compiled, count: int, batch_per_chip: int) -> None:
             f"{100 * row['on_chip'] / max(row['bytes'], 1):6.0f}%  {row['op']:<22} {row['shape']:<28} "
             f"{row['source'][-110:]}"
         )
-    print("summed by source:")
-    print(f"  {'GB':>7} {'share':>6} {'ops':>5}  source")
-    for source, size, ops in dry_run.traffic_by_source(rows)[:count]:
-        print(f"  {size / 1e9:7.3f} {100 * size / max(listed, 1):5.1f}% {ops:>5}  {source}")
+    print("summed by layer:")
+    print(f"  {'GB':>7} {'share':>6} {'ops':>5}  layer")
+    for layer, size, ops in dry_run.traffic_by_layer(rows)[:count]:
+        print(f"  {size / 1e9:7.3f} {100 * size / max(listed, 1):5.1f}% {ops:>5}  {layer}")
 
 
 def _finish(report, extra: dict, advice: str) -> int:

@@ -45,12 +45,28 @@ BLOCK_KINDS = ("block", "mid")
 Step = tuple[Callable[[Any, jax.Array], jax.Array], nnx.Module, str]
 
 
+def _scope(module: nnx.Module) -> str:
+    """The name of `module`'s operations in the compiled program (their op_name metadata, which
+    profiles and `--dump-top` show): its parameter path (`name_scopes`), else its class."""
+    return getattr(module, "scope_name", type(module).__name__)
+
+
 def _call(module: nnx.Module, x: jax.Array) -> jax.Array:
-    return module(x)
+    with jax.named_scope(_scope(module)):
+        return module(x)
 
 
 def _norm_silu(norm: nnx.Module, x: jax.Array) -> jax.Array:
-    return nnx.silu(norm(x))
+    with jax.named_scope(_scope(norm)):
+        return nnx.silu(norm(x))
+
+
+def name_scopes(model: nnx.Module) -> None:
+    """Names every module under `model` after its parameter path (`encoder/down/0/block/1`),
+    for `_call`'s named scopes; the parameters and the maths are unchanged."""
+    named = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module) and path]
+    for path, node in named:
+        node.scope_name = "/".join(str(part) for part in path)
 
 
 def check_remat(remat: Remat) -> None:
@@ -308,6 +324,7 @@ class AutoencoderKL(nnx.Module):
             if cfg.use_post_quant_conv
             else None
         )
+        name_scopes(self)
 
     def posterior(self, x: jax.Array) -> latent.Posterior:
         """Image (B, H, W, C) -> the posterior over latents (B, H/f, W/f, z)."""
@@ -318,7 +335,7 @@ class AutoencoderKL(nnx.Module):
         """The encoder's global part: `encoder.downsample_features` -> the posterior."""
         moments = self.encoder.moments_from_features(h)
         if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+            moments = _call(self.quant_conv, moments)
         mean, logvar = latent.split_moments(moments.astype(jnp.float32))
         if self.cfg.latent_norm == "patch_layernorm":
             mean = latent.patch_layer_norm(mean, self.cfg.latent_norm_patch, self.cfg.latent_norm_eps)
@@ -332,12 +349,12 @@ class AutoencoderKL(nnx.Module):
         """The decoder's global part at the latent resolution (post_quant_conv, conv_in, mid)."""
         z = z.astype(self.dtype)
         if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
+            z = _call(self.post_quant_conv, z)
         return self.decoder.bottleneck(z)
 
     def decode_from_bottleneck(self, h: jax.Array) -> jax.Array:
         """The decoder's local part: `decode_bottleneck` output -> image, float32."""
-        return self.decoder.conv_out(self.decoder.upsample_features(h)).astype(jnp.float32)
+        return _call(self.decoder.conv_out, self.decoder.upsample_features(h)).astype(jnp.float32)
 
     def decode_features(self, z: jax.Array) -> jax.Array:
         """Latent -> the decoder's activations that feed conv_out (for the adaptive GAN weight)."""
@@ -346,7 +363,7 @@ class AutoencoderKL(nnx.Module):
     def decode(self, z: jax.Array) -> jax.Array:
         """Latent (B, h, w, z), unscaled -> image (B, h*f, w*f, C), float32."""
         check_latent_shape(self.cfg, z.shape)
-        return self.decoder.conv_out(self.decode_features(z)).astype(jnp.float32)
+        return _call(self.decoder.conv_out, self.decode_features(z)).astype(jnp.float32)
 
     def __call__(
         self, x: jax.Array, *, key: jax.Array | None = None, train: bool = False

@@ -67,14 +67,16 @@ def make_train_step(cfg: Config, modules: TrainStructure, lpips_graph: Any = Non
         vae = nnx.merge(modules.vae, _combine_params(frozen, trained))
         posterior = vae.posterior(x)
         h = vae.decode_features(vae.training_latent(posterior, key))  # (B, H, W, ch)
-        x_hat = vae.decoder.conv_out(h).astype(jnp.float32)
+        with jax.named_scope("decoder/conv_out"):  # the models' scopes: their parameter paths
+            x_hat = vae.decoder.conv_out(h).astype(jnp.float32)
         return (x_hat, posterior.kl()), (h, posterior.mean)
 
     def nll_of(x, x_hat, logvar, lpips_vars):
         pixel = losses.pixel_loss(x, x_hat, loss_cfg.pixel_loss)
         perceptual = None
         if loss_cfg.perceptual_weight > 0:
-            perceptual = nnx.merge(lpips_graph, lpips_vars)(x, x_hat, remat=bool(cfg.train.remat))
+            with jax.named_scope("lpips"):
+                perceptual = nnx.merge(lpips_graph, lpips_vars)(x, x_hat, remat=bool(cfg.train.remat))
         rec = losses.reconstruction_loss(pixel, perceptual, loss_cfg.perceptual_weight)
         parts = {
             "loss/pixel": jnp.mean(pixel),
@@ -85,7 +87,8 @@ def make_train_step(cfg: Config, modules: TrainStructure, lpips_graph: Any = Non
 
     def disc_apply(disc_params, disc_stats, images):
         disc = nnx.merge(modules.disc, disc_params, disc_stats)
-        logits = disc(images)
+        with jax.named_scope("discriminator"):
+            logits = disc(images)
         return logits, nnx.to_pure_dict(nnx.state(disc, nnx.BatchStat))
 
     def train_step(state: TrainState, images: jax.Array, lpips_vars: Any):
