@@ -532,7 +532,7 @@ def main() -> None:
                 summary[f"{program}_{figure}_vs_peer"] = over(
                     at_reported(program, figure), at_reported(f"peer_{program}", figure)
                 )
-    memory_settings = {name: f"train.remat={value}" for name, value in settings.items()}
+    memory_settings = {name: f"train.remat={value}" for name, value in settings.items() if name in args.only}
     print(json.dumps({"topology": topo, "memory_settings": memory_settings, **summary}))
 
 

@@ -11,6 +11,7 @@ import jax
 import pytest
 
 from sigmavae_jax import dry_run, kernels, topology
+from sigmavae_jax.cli import dry_run as cli_dry_run
 from sigmavae_jax.cli import eval as eval_cli
 from sigmavae_jax.cli import train as train_cli
 from sigmavae_jax.config import ConfigError, load_config
@@ -470,6 +471,8 @@ def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatc
         per_chip = cfg.train.batch_size // tpu_slice.chips
         asked.append(per_chip)
         total = (4 + per_chip) * 2**30
+        if keep is not None and total <= tpu_slice.capacity:
+            keep["compiled"] = f"the program at {per_chip} per chip"
         return dry_run.Report(
             "train step",
             tpu_slice,
@@ -481,9 +484,14 @@ def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatc
             bytes_per_image=5e9,
         )
 
+    listed = []
     monkeypatch.setattr(dry_run, "train_step_report", fake_report)
+    monkeypatch.setattr(
+        cli_dry_run, "print_top_ops", lambda compiled, count, batch: listed.append((compiled, count, batch))
+    )
     code = train_cli.main(
         ["--config", "tiny", "--dry-run", "--topology", "v5litepod-4", "--find-batch", "train.batch_size=8"]
+        + ["--dump-top", "5"]
     )
     out = capsys.readouterr().out
     assert code == 0
@@ -494,3 +502,4 @@ def test_find_batch_searches_per_chip_batches_and_reports_the_largest(monkeypatc
     # from the config's 8 / 4 chips, doubled; the line through 2 and 4 meets 16 GiB at 12; 13 does not fit
     assert asked == [2, 4, 12, 13]
     assert "largest batch that fits: 12 per chip (train.batch_size=48)" in out
+    assert listed == [("the program at 12 per chip", 5, 12)]  # --dump-top lists the largest batch's program

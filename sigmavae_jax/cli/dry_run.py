@@ -55,8 +55,8 @@ def _devices(tpu_slice) -> str:
 def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep: dict | None = None) -> int:
     """The training step of `cfg` on the slice; with find_batch, at the largest per-device batch
     that fits (`dry_run.largest_fitting` from the config's batch); dump_top: list the operations of
-    the compiled program that move the most HBM bytes. keep: when given (and not find_batch),
-    gets the compiled program under "compiled"."""
+    the compiled program (with find_batch, the largest batch's) that move the most HBM bytes.
+    keep: when given (and not find_batch), gets the compiled program under "compiled"."""
     tpu_slice = _slice(topology_name)
     from sigmavae_jax import dry_run
     from sigmavae_jax.config import with_overrides
@@ -71,13 +71,18 @@ def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep:
         return _finish(report, {}, dry_run.advice(report, cfg))
 
     reports = {}
+    largest_compiled = {}  # with dump_top: the largest fitting batch's compiled program, by batch
 
     def at(per_chip: int):
         return with_overrides(cfg, [f"train.batch_size={per_chip * chips}"])
 
     def measure(per_chip: int) -> tuple[bool, int]:
         start = time.perf_counter()
-        reports[per_chip] = report = dry_run.train_step_report(at(per_chip), tpu_slice, flops=False)
+        kept = {} if dump_top else None
+        reports[per_chip] = report = dry_run.train_step_report(at(per_chip), tpu_slice, keep=kept, flops=False)
+        if kept and "compiled" in kept and per_chip > max(largest_compiled, default=0):
+            largest_compiled.clear()  # one compiled program held at a time
+            largest_compiled[per_chip] = kept["compiled"]
         verdict = "fits" if report.fits else "does not fit"
         print(
             f"  {per_chip:>5} images per {unit}: {report.total / 2**30:7.2f} GiB, {verdict} "
@@ -91,6 +96,8 @@ def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep:
     report = dry_run.fill_step_flops(reports[batch], at(batch))
     extra = {"max_batch_per_chip": best, "max_global_batch": best * chips}
     print(f"largest batch that fits: {best} per {unit} (train.batch_size={best * chips})")
+    if best in largest_compiled:
+        print_top_ops(largest_compiled[best], dump_top, best)
     smallest = reports[min(n for n, r in reports.items() if r.fits)] if best else None
     if smallest is not None and smallest.flops_per_image and report.flops_per_image and smallest is not report:
         # near the memory limit the compiler recomputes activations by itself: FLOPs per image grow
