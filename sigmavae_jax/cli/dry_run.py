@@ -80,7 +80,7 @@ def train(cfg, topology_name: str, *, find_batch: bool, dump_top: int = 0, keep:
         start = time.perf_counter()
         kept = {} if dump_top else None
         reports[per_chip] = report = dry_run.train_step_report(at(per_chip), tpu_slice, keep=kept, flops=False)
-        if kept and "compiled" in kept and per_chip > max(largest_compiled, default=0):
+        if report.fits and kept and per_chip > max(largest_compiled, default=0):
             largest_compiled.clear()  # one compiled program held at a time
             largest_compiled[per_chip] = kept["compiled"]
         verdict = "fits" if report.fits else "does not fit"
