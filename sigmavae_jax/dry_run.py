@@ -704,11 +704,12 @@ def _unwrapped(part: str) -> str:
 
 def layer_of(op_name: str) -> str:
     """The layer an operation of a compiled program comes from, by its JAX name: the named
-    scopes between the outer `jit(...)` and the primitive (inner `jit`s left out), with transforms (`jvp`, `transpose`,
-    `checkpoint`) taken off, e.g. `jit(train_step)/transpose(jvp(decoder/up/1/upsample))/reduce_sum`
-    -> `decoder/up/1/upsample` (the models name their modules' scopes after their parameter
-    paths). An operation outside every scope gives its primitive, and one without a JAX name
-    (a copy the compiler added) its HLO name, digits dropped."""
+    scopes between the outer `jit(...)` and the primitive (inner `jit`s left out), with
+    transforms (`jvp`, `transpose`, `checkpoint`) taken off, e.g.
+    `jit(train_step)/transpose(jvp(decoder/up/1/upsample))/reduce_sum` -> `decoder/up/1/upsample`
+    (the models name their modules' scopes after their parameter paths). An operation outside
+    every scope gives its primitive, and one without a JAX name (a copy the compiler added) its
+    HLO name, digits dropped."""
     parts = _top_level_parts(op_name)
     scopes: list[str] = []
     for part in (_unwrapped(p) for p in parts[1:-1] if not p.startswith("jit(")):  # a jit names a function

@@ -354,7 +354,11 @@ class AutoencoderKL(nnx.Module):
 
     def decode_from_bottleneck(self, h: jax.Array) -> jax.Array:
         """The decoder's local part: `decode_bottleneck` output -> image, float32."""
-        return _call(self.decoder.conv_out, self.decoder.upsample_features(h)).astype(jnp.float32)
+        return self.image_from_features(self.decoder.upsample_features(h))
+
+    def image_from_features(self, h: jax.Array) -> jax.Array:
+        """The decoder's conv_out: `decode_features` output -> image, float32."""
+        return _call(self.decoder.conv_out, h).astype(jnp.float32)
 
     def decode_features(self, z: jax.Array) -> jax.Array:
         """Latent -> the decoder's activations that feed conv_out (for the adaptive GAN weight)."""
@@ -363,7 +367,7 @@ class AutoencoderKL(nnx.Module):
     def decode(self, z: jax.Array) -> jax.Array:
         """Latent (B, h, w, z), unscaled -> image (B, h*f, w*f, C), float32."""
         check_latent_shape(self.cfg, z.shape)
-        return _call(self.decoder.conv_out, self.decode_features(z)).astype(jnp.float32)
+        return self.image_from_features(self.decode_features(z))
 
     def __call__(
         self, x: jax.Array, *, key: jax.Array | None = None, train: bool = False

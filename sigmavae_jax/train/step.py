@@ -67,8 +67,7 @@ def make_train_step(cfg: Config, modules: TrainStructure, lpips_graph: Any = Non
         vae = nnx.merge(modules.vae, _combine_params(frozen, trained))
         posterior = vae.posterior(x)
         h = vae.decode_features(vae.training_latent(posterior, key))  # (B, H, W, ch)
-        with jax.named_scope("decoder/conv_out"):  # the models' scopes: their parameter paths
-            x_hat = vae.decoder.conv_out(h).astype(jnp.float32)
+        x_hat = vae.image_from_features(h)
         return (x_hat, posterior.kl()), (h, posterior.mean)
 
     def nll_of(x, x_hat, logvar, lpips_vars):
